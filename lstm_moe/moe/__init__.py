@@ -1,0 +1,34 @@
+"""The sparsely-gated Mixture-of-Experts layer (Shazeer et al. 2017).
+
+router (routing.py, hierarchical.py, batchwise.py) -> dispatcher (dispatch.py) ->
+batched experts (experts.py), assembled in layer.py.
+"""
+
+from .batchwise import BatchwiseRouter
+from .dispatch import DispatchPlan, combine_rows, expert_capacity, gather_rows, plan_dispatch
+from .experts import BatchedExperts, grouped_matmul
+from .hierarchical import HierarchicalRouter
+from .layer import MoEConfig, MoELayer, MoEOutput, MoEStats
+from .losses import cv_squared, prob_in_top_k
+from .routing import NoisyTopKRouter, Routing, noisy_top_k_gating
+
+__all__ = [
+    "BatchedExperts",
+    "BatchwiseRouter",
+    "DispatchPlan",
+    "HierarchicalRouter",
+    "MoEConfig",
+    "MoELayer",
+    "MoEOutput",
+    "MoEStats",
+    "NoisyTopKRouter",
+    "Routing",
+    "combine_rows",
+    "cv_squared",
+    "expert_capacity",
+    "gather_rows",
+    "grouped_matmul",
+    "noisy_top_k_gating",
+    "plan_dispatch",
+    "prob_in_top_k",
+]

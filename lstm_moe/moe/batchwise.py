@@ -1,0 +1,93 @@
+"""Strictly balanced (batchwise) gate of Shazeer et al. 2017, App. F (Eq. 15-20).
+
+Index letters: T tokens, D model width, E experts, K slots per token (variable, padded).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .losses import assignment_counts, batchwise_threshold_loss, importance
+from .routing import Routing, balance_losses, check_top_k
+
+
+class BatchwiseRouter(nn.Module):
+    """Training: every expert takes exactly its top m = k·|X|/n tokens of the batch (Eq. 18).
+    Inference: expert i takes token x when G_σ(x)_i > T_i, with per-expert thresholds T learned
+    by the loss of Eq. 20 (Eq. 19). Gates are G_σ(x) masked and renormalised (Eq. 16).
+
+    Choices the paper leaves open, and what this implementation does:
+    - The mask ranks the softmax values G_σ(x) = Softmax(x·W_g) (Eq. 15), as Eq. 16 writes the
+      mask as a function of G_σ(x).
+    - m = floor(k·|X|/n), at least 1 and at most |X|.
+    - A token that no expert selected gets all-zero gates (no output from the layer).
+    - Ties between equal gate values break by token order (torch.topk).
+    - W_g starts from N(0, init_std²), not zero: with no noise, zero weights would give every
+      token the same gate values and every expert the same m tokens.
+    - T starts at 1/n, the gate value of a uniform gate.
+    - L_batchwise is divided by |X| and moves only T (gate values are detached), reported as
+      losses["threshold"] and weighted by w_threshold; in evaluation it is still computed
+      against the batch's batchwise mask, so it shows how well T imitates that mask.
+    - losses["importance"] (CV² of Σ G) and losses["load"] (CV² of tokens per expert, zero in
+      training by construction and without gradient) are reported as for the other routers;
+      the paper's MT runs that used this gate set w_importance = w_load = 0.01.
+    A token can go to a variable number of experts, so expert_index is padded with -1 to the
+    largest count in the batch.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_experts: int,
+        k: int,
+        *,
+        w_importance: float = 0.1,
+        w_load: float = 0.1,
+        w_threshold: float = 1.0,
+        init_std: float | None = None,
+    ) -> None:
+        super().__init__()
+        check_top_k(k, n_experts)
+        self.n_experts, self.k = n_experts, k
+        self.w_importance, self.w_load, self.w_threshold = w_importance, w_load, w_threshold
+        init_std = 1.0 / math.sqrt(d_model) if init_std is None else init_std
+        self.w_gate = nn.Parameter(torch.randn(d_model, n_experts) * init_std)
+        self.thresholds = nn.Parameter(torch.full((n_experts,), 1.0 / n_experts))
+
+    def tokens_per_expert(self, n_tokens: int) -> int:
+        """m = k·|X|/n of Eq. 18, rounded down, in [1, |X|]."""
+        return min(n_tokens, max(1, (self.k * n_tokens) // self.n_experts))
+
+    def forward(self, x: Tensor) -> Routing:
+        """x: [T, D]. Returns a Routing whose slots are padded with expert -1."""
+        n_tokens = x.shape[0]
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            gate_probs = torch.softmax(x.float() @ self.w_gate.float(), dim=-1)  # G_σ, [T, E]
+            top_tokens = gate_probs.topk(self.tokens_per_expert(n_tokens), dim=0).indices  # [m, E]
+            batchwise_mask = torch.zeros_like(gate_probs, dtype=torch.bool)
+            batchwise_mask = batchwise_mask.scatter(0, top_tokens, True)  # Eq. 18, [T, E]
+            threshold_loss = batchwise_threshold_loss(gate_probs, self.thresholds, batchwise_mask)
+            mask = batchwise_mask if self.training else gate_probs > self.thresholds.detach()
+
+            masked = gate_probs * mask  # [T, E]
+            all_gates = masked / masked.sum(-1, keepdim=True).clamp(min=1e-30)  # Eq. 16
+            # Compact the variable set of experts per token into K padded slots.
+            slots = max(1, int(mask.sum(-1).max()))
+            scores = torch.where(mask, gate_probs, -1.0)
+            top_scores, top_index = scores.topk(slots, dim=-1)  # [T, K]
+            valid = top_scores >= 0
+            expert_index = torch.where(valid, top_index, -1)
+            gates = torch.where(valid, all_gates.gather(-1, top_index), 0.0)  # [T, K]
+
+            importance_per_expert = importance(gates, expert_index, self.n_experts)
+            load = assignment_counts(expert_index, self.n_experts)
+            losses, aux_loss = balance_losses(
+                importance_per_expert, load, self.w_importance, self.w_load
+            )
+            losses["threshold"] = threshold_loss
+            aux_loss = aux_loss + self.w_threshold * threshold_loss
+            extra = {"fraction_tokens_without_expert": (~mask.any(-1)).float().mean()}
+        return Routing(expert_index, gates, importance_per_expert, load, losses, aux_loss, extra)

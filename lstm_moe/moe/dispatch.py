@@ -1,0 +1,98 @@
+"""The one dispatcher: moves tokens to experts and their outputs back. It has no parameters
+and does not know what the experts compute; every router uses it.
+
+Index letters: T tokens, K routing slots per token, P = T·K (token, slot) pairs,
+N pairs kept (after capacity), E experts, D model width.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class DispatchPlan:
+    """Where each kept (token, slot) pair goes, in expert-contiguous order.
+
+    pair_index: [N] int64, flat index t·K + slot of each kept pair, sorted by expert and, within
+        an expert, by token order (so capacity keeps the earliest tokens of the batch).
+    token_index: [N] int64, the token of each kept pair.
+    rows_per_expert: [E] int64, rows each expert computes (after capacity).
+    routed_per_expert: [E] int64, pairs routed to each expert (before capacity).
+    """
+
+    pair_index: Tensor
+    token_index: Tensor
+    rows_per_expert: Tensor
+    routed_per_expert: Tensor
+    n_tokens: int
+    slots_per_token: int
+
+    @property
+    def n_dropped(self) -> Tensor:
+        return self.routed_per_expert.sum() - self.rows_per_expert.sum()
+
+
+def expert_capacity(n_tokens: int, k: int, n_experts: int, capacity_factor: float) -> int:
+    """Rows one expert may take: ceil(capacity_factor · tokens · k / experts) (Switch §2.2)."""
+    if capacity_factor <= 0:
+        raise ValueError(f"capacity_factor must be > 0 (or None for dropless), got {capacity_factor}")
+    return max(1, math.ceil(capacity_factor * n_tokens * k / n_experts))
+
+
+def plan_dispatch(expert_index: Tensor, n_experts: int, capacity: int | None = None) -> DispatchPlan:
+    """Stable-sort the (token, slot) pairs by expert and apply a per-expert capacity.
+
+    expert_index: [T, K] int64, -1 for an unused slot. capacity: rows per expert, or None for
+    dropless. Pairs past an expert's capacity are dropped in token order; their tokens get no
+    output from that expert (the residual connection around the layer carries them).
+    """
+    n_tokens, slots = expert_index.shape
+    flat_expert = expert_index.reshape(-1)  # [P]
+    # Unused slots go to a sentinel bucket E, which sorts last and is never computed.
+    flat_expert = torch.where(flat_expert < 0, n_experts, flat_expert)
+    sorted_expert, order = torch.sort(flat_expert, stable=True)  # [P], [P]
+    routed = torch.bincount(flat_expert, minlength=n_experts + 1)[:n_experts]  # [E]
+    if capacity is None:
+        keep = sorted_expert < n_experts  # [P]
+        rows = routed
+    else:
+        starts = torch.cumsum(routed, 0) - routed  # [E]
+        bucket = sorted_expert.clamp(max=n_experts - 1)
+        rank_in_expert = torch.arange(order.numel(), device=order.device) - starts[bucket]
+        keep = (sorted_expert < n_experts) & (rank_in_expert < capacity)  # [P]
+        rows = routed.clamp(max=capacity)
+    pair_index = order[keep]  # [N]
+    return DispatchPlan(
+        pair_index=pair_index,
+        token_index=torch.div(pair_index, slots, rounding_mode="floor"),
+        rows_per_expert=rows,
+        routed_per_expert=routed,
+        n_tokens=n_tokens,
+        slots_per_token=slots,
+    )
+
+
+def gather_rows(x: Tensor, plan: DispatchPlan) -> Tensor:
+    """x: [T, D] -> [N, D], the input row of every kept pair, expert-contiguous."""
+    return x.index_select(0, plan.token_index)
+
+
+def combine_rows(expert_out: Tensor, gates: Tensor, plan: DispatchPlan) -> Tensor:
+    """y_t = Σ_slot gate[t, slot] · expert_out[pair(t, slot)] (Eq. 1).
+
+    expert_out: [N, D]; gates: [T, K]. Each output row is written back to its (token, slot)
+    place, then each token's K rows are mixed by its gates with one batched product: no
+    atomics, so the sum is in a fixed order. Dropped and unused slots contribute zero.
+    Returns [T, D] in the dtype of expert_out.
+    """
+    n_tokens, slots = plan.n_tokens, plan.slots_per_token
+    by_slot = expert_out.new_zeros(n_tokens * slots, expert_out.shape[-1])
+    by_slot = by_slot.index_copy(0, plan.pair_index, expert_out)  # [P, D]
+    by_slot = by_slot.view(n_tokens, slots, -1)  # [T, K, D]
+    weights = gates.to(expert_out.dtype).unsqueeze(1)  # [T, 1, K]
+    return torch.bmm(weights, by_slot).squeeze(1)  # [T, D]

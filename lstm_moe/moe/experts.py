@@ -1,0 +1,132 @@
+"""Experts as batched weights: E feed-forward networks with one ReLU hidden layer (Shazeer et
+al. 2017, App. C.1), computed as grouped matrix products over expert-contiguous rows.
+
+Index letters: N rows (tokens routed to experts, sorted by expert), E experts, D model width,
+H expert hidden width, C padded rows per expert.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+_GROUPED_MM_DTYPES = {
+    "cpu": (torch.float32, torch.bfloat16, torch.float16),
+    # The CUDA kernel is written for bfloat16 (Hopper and newer); other dtypes use bmm below.
+    "cuda": (torch.bfloat16,),
+}
+
+
+def _grouped_mm_supported(rows: Tensor, weight: Tensor) -> bool:
+    dtypes = _GROUPED_MM_DTYPES.get(rows.device.type, ())
+    if rows.dtype not in dtypes or weight.dtype != rows.dtype:
+        return False
+    # The CUDA kernel needs 16-byte aligned rows.
+    return rows.device.type == "cpu" or (rows.shape[-1] % 8 == 0 and weight.shape[-1] % 8 == 0)
+
+
+class _GroupedMatmul(torch.autograd.Function):
+    """rows[offs[e-1]:offs[e]] @ weight[e] for every expert e, with an explicit backward:
+    one grouped product for the input gradient and one for the weight gradient."""
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
+        ctx.save_for_backward(rows, weight, offsets)
+        return torch._grouped_mm(rows, weight, offs=offsets)  # [N, H]
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        rows, weight, offsets = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_rows = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_rows = torch._grouped_mm(grad_out, weight.transpose(1, 2), offs=offsets)
+        if ctx.needs_input_grad[1]:
+            # 2-D x 2-D with offsets along the reduction dim gives one [D, H] block per expert;
+            # experts that received no rows get zeros.
+            grad_weight = torch._grouped_mm(rows.t(), grad_out, offs=offsets)  # [E, D, H]
+        return grad_rows, grad_weight, None
+
+
+def _padded_bmm(rows: Tensor, weight: Tensor, rows_per_expert: Tensor) -> Tensor:
+    """Same product as the grouped kernel, for dtypes and devices it does not cover: scatter
+    rows into a zero-padded [E, C, D] batch, one bmm, gather back. Loop-free, but it pays for
+    padding to the busiest expert."""
+    n_experts = weight.shape[0]
+    n_rows = rows.shape[0]
+    capacity = int(rows_per_expert.max()) if n_rows else 0
+    expert_of_row = torch.repeat_interleave(
+        torch.arange(n_experts, device=rows.device), rows_per_expert, output_size=n_rows
+    )  # [N]
+    starts = torch.cumsum(rows_per_expert, 0) - rows_per_expert  # [E]
+    slot_of_row = torch.arange(n_rows, device=rows.device) - starts[expert_of_row]  # [N]
+    flat_slot = expert_of_row * capacity + slot_of_row  # [N]
+    padded = rows.new_zeros(n_experts * capacity, rows.shape[1])
+    padded = padded.index_copy(0, flat_slot, rows).view(n_experts, capacity, -1)  # [E, C, D]
+    out = torch.bmm(padded, weight)  # [E, C, H]
+    return out.reshape(n_experts * capacity, -1).index_select(0, flat_slot)  # [N, H]
+
+
+def grouped_matmul(rows: Tensor, weight: Tensor, rows_per_expert: Tensor) -> Tensor:
+    """Multiply each expert's contiguous block of rows by that expert's weight.
+
+    rows: [N, D], sorted so that expert e's rows follow expert e-1's;
+    weight: [E, D, H]; rows_per_expert: [E] int64 summing to N. Returns [N, H].
+    """
+    if _grouped_mm_supported(rows, weight):
+        offsets = torch.cumsum(rows_per_expert, 0, dtype=torch.int32)  # [E] end of each block
+        return _GroupedMatmul.apply(rows, weight, offsets)
+    return _padded_bmm(rows, weight, rows_per_expert)
+
+
+class BatchedExperts(nn.Module):
+    """E experts `x -> W_out·ReLU(W_in·x + b_in) + b_out`, stored as [E, D, H] and [E, H, D].
+
+    Each expert is initialised like an nn.Linear pair (uniform in ±1/√fan_in), drawn for the
+    whole tensor at once so that any later slicing (expert parallelism) starts from the same
+    model as one process.
+    """
+
+    def __init__(self, n_experts: int, d_model: int, expert_hidden: int, bias: bool = True):
+        super().__init__()
+        if expert_hidden < 1:
+            raise ValueError(f"expert_hidden must be >= 1, got {expert_hidden}")
+        self.n_experts, self.d_model, self.expert_hidden = n_experts, d_model, expert_hidden
+        self.w_in = nn.Parameter(torch.empty(n_experts, d_model, expert_hidden))
+        self.w_out = nn.Parameter(torch.empty(n_experts, expert_hidden, d_model))
+        self.b_in = nn.Parameter(torch.empty(n_experts, expert_hidden)) if bias else None
+        self.b_out = nn.Parameter(torch.empty(n_experts, d_model)) if bias else None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        bound_in, bound_out = 1 / math.sqrt(self.d_model), 1 / math.sqrt(self.expert_hidden)
+        self.w_in.uniform_(-bound_in, bound_in)
+        self.w_out.uniform_(-bound_out, bound_out)
+        if self.b_in is not None:
+            self.b_in.uniform_(-bound_in, bound_in)
+            self.b_out.uniform_(-bound_out, bound_out)
+
+    def forward(self, rows: Tensor, rows_per_expert: Tensor) -> Tensor:
+        """rows: [N, D] expert-contiguous; rows_per_expert: [E] int64. Returns [N, D]."""
+        hidden = grouped_matmul(rows, self.w_in, rows_per_expert)  # [N, H]
+        if self.b_in is not None:
+            expert_of_row = torch.repeat_interleave(
+                torch.arange(self.n_experts, device=rows.device),
+                rows_per_expert,
+                output_size=rows.shape[0],
+            )  # [N]
+            hidden = hidden + self.b_in.index_select(0, expert_of_row)
+        hidden = torch.relu(hidden)
+        out = grouped_matmul(hidden, self.w_out, rows_per_expert)  # [N, D]
+        if self.b_out is not None:
+            out = out + self.b_out.index_select(0, expert_of_row)
+        return out
+
+    def extra_repr(self) -> str:
+        return (
+            f"n_experts={self.n_experts}, d_model={self.d_model}, "
+            f"expert_hidden={self.expert_hidden}, bias={self.b_in is not None}"
+        )

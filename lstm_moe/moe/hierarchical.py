@@ -1,0 +1,107 @@
+"""Hierarchical MoE gate (Shazeer et al. 2017, App. B, Eq. 12-14).
+
+A primary noisy top-k gate picks `k_groups` of `n_groups` groups; inside each picked group a
+secondary noisy top-k gate picks `k` of its `experts_per_group` experts. The gate of expert
+(g, e) is G_primary(x)_g · G_g(x)_e, and its flat index is g·experts_per_group + e.
+
+Index letters: T tokens, D model width, A groups, B experts per group, K1 = k_groups,
+K2 = k, N token-group pairs (T·K1).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .dispatch import gather_rows, plan_dispatch
+from .experts import grouped_matmul
+from .losses import importance
+from .routing import Routing, balance_losses, check_top_k, noisy_top_k_gating
+
+
+class HierarchicalRouter(nn.Module):
+    """Two-level noisy top-k gate with the hierarchical Importance_H and Load_H of Eq. 13-14.
+
+    The secondary gates are evaluated only for the tokens routed to their group: the
+    (token, group) pairs go through the same dispatcher as tokens to experts, and the A
+    secondary gating matrices are applied with one grouped matmul. All gating weights start
+    at zero (App. A). With one group the result equals the flat NoisyTopKRouter exactly
+    (same routing, losses and random draws).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_groups: int,
+        experts_per_group: int,
+        k_groups: int = 2,
+        k: int = 2,
+        *,
+        w_importance: float = 0.1,
+        w_load: float = 0.1,
+        noise_epsilon: float = 1e-2,
+    ) -> None:
+        super().__init__()
+        check_top_k(k_groups, n_groups, name="k_groups")
+        check_top_k(k, experts_per_group, name="k")
+        self.n_groups, self.experts_per_group = n_groups, experts_per_group
+        self.n_experts = n_groups * experts_per_group
+        self.k_groups, self.k = k_groups, k
+        self.w_importance, self.w_load = w_importance, w_load
+        self.noise_epsilon = noise_epsilon
+        self.w_gate_primary = nn.Parameter(torch.zeros(d_model, n_groups))
+        self.w_noise_primary = nn.Parameter(torch.zeros(d_model, n_groups))
+        self.w_gate = nn.Parameter(torch.zeros(n_groups, d_model, experts_per_group))
+        self.w_noise = nn.Parameter(torch.zeros(n_groups, d_model, experts_per_group))
+
+    def forward(self, x: Tensor) -> Routing:
+        """x: [T, D]. Returns a Routing with K1·K2 slots per token over A·B flat experts."""
+        n_tokens = x.shape[0]
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x32 = x.float()
+            primary = noisy_top_k_gating(
+                x32 @ self.w_gate_primary.float(),  # [T, A]
+                x32 @ self.w_noise_primary.float() if self.training else None,
+                self.k_groups,
+                self.noise_epsilon,
+            )
+            primary_load = primary.load_per_row.sum(0)  # Load_primary(X), [A]
+
+            # Token-group pairs, group-contiguous; no capacity: every routed token is gated.
+            plan = plan_dispatch(primary.index, self.n_groups)
+            rows = gather_rows(x32, plan)  # [N, D]
+            rows_per_group = plan.rows_per_expert  # |X^(g)|, [A]
+            secondary = noisy_top_k_gating(
+                grouped_matmul(rows, self.w_gate.float(), rows_per_group),  # [N, B]
+                grouped_matmul(rows, self.w_noise.float(), rows_per_group)
+                if self.training
+                else None,
+                self.k,
+                self.noise_epsilon,
+            )
+            group_of_row = torch.repeat_interleave(
+                torch.arange(self.n_groups, device=x.device), rows_per_group, output_size=rows.shape[0]
+            )  # [N]
+
+            # Eq. 14: Load_H[g, e] = Load_primary[g] · Load_g(X^(g))[e] / |X^(g)|.
+            secondary_load = secondary.load_per_row.new_zeros(self.n_groups, self.experts_per_group)
+            secondary_load = secondary_load.index_add(0, group_of_row, secondary.load_per_row)
+            group_size = rows_per_group.to(secondary_load.dtype).clamp(min=1).unsqueeze(1)  # [A, 1]
+            load = (primary_load.unsqueeze(1) * secondary_load / group_size).reshape(-1)  # [A*B]
+
+            # Put each pair's K2 choices back in its (token, primary slot) place.
+            pair_gate = primary.gates.reshape(-1).index_select(0, plan.pair_index)  # [N]
+            row_gates = pair_gate.unsqueeze(1) * secondary.gates  # [N, K2], Eq. 12
+            row_index = group_of_row.unsqueeze(1) * self.experts_per_group + secondary.index
+            slots = self.k_groups * self.k
+            gates = row_gates.new_zeros(n_tokens * self.k_groups, self.k)
+            gates = gates.index_copy(0, plan.pair_index, row_gates).view(n_tokens, slots)
+            expert_index = row_index.new_full((n_tokens * self.k_groups, self.k), -1)
+            expert_index = expert_index.index_copy(0, plan.pair_index, row_index)
+            expert_index = expert_index.view(n_tokens, slots)  # [T, K1*K2]
+
+            importance_per_expert = importance(gates, expert_index, self.n_experts)  # Eq. 13
+            losses, aux_loss = balance_losses(
+                importance_per_expert, load, self.w_importance, self.w_load
+            )
+        return Routing(expert_index, gates, importance_per_expert, load, losses, aux_loss)

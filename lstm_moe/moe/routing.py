@@ -1,0 +1,157 @@
+"""The routing result every router returns, and the noisy top-k gate (Shazeer et al. 2017,
+§2.1 Eq. 3-5 and App. A Eq. 6-11).
+
+Index letters: T tokens, D model width, E experts, K experts kept per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .losses import assignment_counts, cv_squared, importance, prob_in_top_k
+
+
+@dataclass
+class Routing:
+    """Which experts each token goes to, with what weight, and the router's auxiliary losses.
+
+    expert_index: [T, K] int64; -1 marks an unused slot (routers with a variable number of
+        experts per token, such as the batchwise gate, pad with it).
+    gates: [T, K] float32, 0 in unused slots.
+    importance: [E] float32, Σ_x G(x) (Eq. 6 or 13).
+    load: [E] float32, the smooth Load estimate (Eq. 10 or 14) where noise is drawn, else the
+        number of tokens assigned to each expert.
+    losses: unweighted auxiliary losses by name ("importance", "load", ...).
+    aux_loss: their weighted sum, the term added to the training objective.
+    """
+
+    expert_index: Tensor
+    gates: Tensor
+    importance: Tensor
+    load: Tensor
+    losses: dict[str, Tensor]
+    aux_loss: Tensor
+    extra_stats: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class TopKGating:
+    """Row-wise result of noisy top-k gating (shared by the flat and hierarchical routers).
+
+    index: [R, K] int64; gates: [R, K] float32 (softmax over the kept values only);
+    load_per_row: [R, E] float32, P(x, i) of Eq. 9 where noise is drawn, else the 0/1
+    indicator of being kept, so that summing over rows gives Load (Eq. 10).
+    """
+
+    index: Tensor
+    gates: Tensor
+    load_per_row: Tensor
+
+
+def noisy_top_k_gating(
+    clean_logits: Tensor, raw_noise_logits: Tensor | None, k: int, noise_epsilon: float
+) -> TopKGating:
+    """KeepTopK then Softmax (Eq. 3 and 5) over H(x) of Eq. 4.
+
+    clean_logits: [R, E] float32 = x·W_g. raw_noise_logits: [R, E] = x·W_noise, or None to
+    draw no noise (evaluation, or k equal to E where nothing is selected). The noise scale is
+    Softplus(x·W_noise) + noise_epsilon; the authors' released code adds noise_epsilon = 1e-2
+    so the division in Eq. 9 can never be by zero; noise_epsilon = 0 gives Eq. 4 exactly.
+    """
+    n_experts = clean_logits.shape[-1]
+    if raw_noise_logits is None or k == n_experts:
+        top_values, top_index = clean_logits.topk(k, dim=-1)  # [R, K]
+        kept = torch.zeros_like(clean_logits).scatter(-1, top_index, 1.0)  # [R, E]
+        return TopKGating(top_index, torch.softmax(top_values, dim=-1), kept)
+
+    noise_std = F.softplus(raw_noise_logits) + noise_epsilon  # [R, E]
+    noisy_logits = clean_logits + torch.randn_like(clean_logits) * noise_std  # H(x), [R, E]
+    # The (k+1)-th value is the threshold of Eq. 9 for experts inside the top k.
+    top_values, top_index = noisy_logits.topk(k + 1, dim=-1)  # [R, K+1], descending
+    kept_index = top_index[:, :k]  # [R, K]
+    gates = torch.softmax(top_values[:, :k], dim=-1)  # softmax after KeepTopK, Eq. 3
+    in_top_k = torch.zeros_like(clean_logits, dtype=torch.bool).scatter(-1, kept_index, True)
+    load_per_row = prob_in_top_k(clean_logits, noise_std, top_values, in_top_k, k)  # [R, E]
+    return TopKGating(kept_index, gates, load_per_row)
+
+
+def balance_losses(
+    importance_per_expert: Tensor, load_per_expert: Tensor, w_importance: float, w_load: float
+) -> tuple[dict[str, Tensor], Tensor]:
+    """CV²(Importance) and CV²(Load) (Eq. 7 and 11), unweighted by name and weighted summed."""
+    losses = {
+        "importance": cv_squared(importance_per_expert),
+        "load": cv_squared(load_per_expert),
+    }
+    return losses, w_importance * losses["importance"] + w_load * losses["load"]
+
+
+def check_top_k(k: int, n_experts: int, name: str = "k") -> None:
+    if n_experts < 1:
+        raise ValueError(f"n_experts must be >= 1, got {n_experts}")
+    if not 1 <= k <= n_experts:
+        raise ValueError(f"{name} must be in [1, {n_experts}] (the number of experts), got {k}")
+
+
+class NoisyTopKRouter(nn.Module):
+    """Noisy top-k gating (Eq. 3-5) with the importance and load losses of App. A.
+
+    Training: H(x) = x·W_g + N(0, 1)·(Softplus(x·W_noise) + noise_epsilon); the k largest
+    entries are kept and softmaxed; Load uses the smooth estimator of Eq. 9-10.
+    Evaluation (`.eval()`): no noise is drawn, so routing is deterministic, H(x) = x·W_g, and
+    Load is the number of tokens assigned to each expert. When k equals the number of experts
+    nothing is selected, so no noise is drawn either.
+    W_g and W_noise start at zero (App. A): routing starts uniform at random, with equal load.
+    The gate runs in float32 even under autocast (Switch Transformer's selective precision).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_experts: int,
+        k: int,
+        *,
+        w_importance: float = 0.1,
+        w_load: float = 0.1,
+        noise_epsilon: float = 1e-2,
+    ) -> None:
+        super().__init__()
+        check_top_k(k, n_experts)
+        if noise_epsilon < 0:
+            raise ValueError(f"noise_epsilon must be >= 0, got {noise_epsilon}")
+        self.n_experts, self.k = n_experts, k
+        self.w_importance, self.w_load = w_importance, w_load
+        self.noise_epsilon = noise_epsilon
+        self.w_gate = nn.Parameter(torch.zeros(d_model, n_experts))
+        self.w_noise = nn.Parameter(torch.zeros(d_model, n_experts))
+
+    def forward(self, x: Tensor) -> Routing:
+        """x: [T, D]. Returns a Routing with K = k slots per token."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x32 = x.float()
+            clean_logits = x32 @ self.w_gate.float()  # [T, E]
+            raw_noise = x32 @ self.w_noise.float() if self.training else None  # [T, E]
+            gating = noisy_top_k_gating(clean_logits, raw_noise, self.k, self.noise_epsilon)
+            importance_per_expert = importance(gating.gates, gating.index, self.n_experts)
+            load_per_expert = gating.load_per_row.sum(0)  # Eq. 10, [E]
+            losses, aux_loss = balance_losses(
+                importance_per_expert, load_per_expert, self.w_importance, self.w_load
+            )
+        return Routing(
+            gating.index, gating.gates, importance_per_expert, load_per_expert, losses, aux_loss
+        )
+
+
+__all__ = [
+    "NoisyTopKRouter",
+    "Routing",
+    "TopKGating",
+    "assignment_counts",
+    "balance_losses",
+    "check_top_k",
+    "noisy_top_k_gating",
+]
