@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .losses import assignment_counts, batchwise_threshold_loss, importance
-from .routing import Routing, balance_losses, check_top_k
+from .routing import Routing, balance_losses, check_top_k, router_precision
 
 
 class BatchwiseRouter(nn.Module):
@@ -65,7 +65,8 @@ class BatchwiseRouter(nn.Module):
         """x: [T, D]. Returns a Routing whose slots are padded with expert -1."""
         n_tokens = x.shape[0]
         with torch.autocast(device_type=x.device.type, enabled=False):
-            gate_probs = torch.softmax(x.float() @ self.w_gate.float(), dim=-1)  # G_σ, [T, E]
+            x = router_precision(x)
+            gate_probs = torch.softmax(x @ self.w_gate.to(x.dtype), dim=-1)  # G_σ, [T, E]
             top_tokens = gate_probs.topk(self.tokens_per_expert(n_tokens), dim=0).indices  # [m, E]
             batchwise_mask = torch.zeros_like(gate_probs, dtype=torch.bool)
             batchwise_mask = batchwise_mask.scatter(0, top_tokens, True)  # Eq. 18, [T, E]
@@ -83,7 +84,7 @@ class BatchwiseRouter(nn.Module):
             gates = torch.where(valid, all_gates.gather(-1, top_index), 0.0)  # [T, K]
 
             importance_per_expert = importance(gates, expert_index, self.n_experts)
-            load = assignment_counts(expert_index, self.n_experts)
+            load = assignment_counts(expert_index, self.n_experts).to(gates.dtype)
             losses, aux_loss = balance_losses(
                 importance_per_expert, load, self.w_importance, self.w_load
             )

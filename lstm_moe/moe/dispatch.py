@@ -40,11 +40,15 @@ class DispatchPlan:
 def expert_capacity(n_tokens: int, k: int, n_experts: int, capacity_factor: float) -> int:
     """Rows one expert may take: ceil(capacity_factor · tokens · k / experts) (Switch §2.2)."""
     if capacity_factor <= 0:
-        raise ValueError(f"capacity_factor must be > 0 (or None for dropless), got {capacity_factor}")
+        raise ValueError(
+            f"capacity_factor must be > 0 (or None for dropless), got {capacity_factor}"
+        )
     return max(1, math.ceil(capacity_factor * n_tokens * k / n_experts))
 
 
-def plan_dispatch(expert_index: Tensor, n_experts: int, capacity: int | None = None) -> DispatchPlan:
+def plan_dispatch(
+    expert_index: Tensor, n_experts: int, capacity: int | None = None
+) -> DispatchPlan:
     """Stable-sort the (token, slot) pairs by expert and apply a per-expert capacity.
 
     expert_index: [T, K] int64, -1 for an unused slot. capacity: rows per expert, or None for

@@ -23,8 +23,10 @@ def _grouped_mm_supported(rows: Tensor, weight: Tensor) -> bool:
     dtypes = _GROUPED_MM_DTYPES.get(rows.device.type, ())
     if rows.dtype not in dtypes or weight.dtype != rows.dtype:
         return False
-    # The CUDA kernel needs 16-byte aligned rows.
-    return rows.device.type == "cpu" or (rows.shape[-1] % 8 == 0 and weight.shape[-1] % 8 == 0)
+    # The kernel needs every row (of the inputs, the weights and their transposes in the
+    # backward) to start on a 16-byte boundary.
+    row_bytes = (rows.shape[-1] * rows.element_size(), weight.shape[-1] * weight.element_size())
+    return all(n % 16 == 0 for n in row_bytes)
 
 
 class _GroupedMatmul(torch.autograd.Function):

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .dispatch import gather_rows, plan_dispatch
 from .experts import grouped_matmul
 from .losses import importance
-from .routing import Routing, balance_losses, check_top_k, noisy_top_k_gating
+from .routing import Routing, balance_losses, check_top_k, noisy_top_k_gating, router_precision
 
 
 class HierarchicalRouter(nn.Module):
@@ -58,10 +58,10 @@ class HierarchicalRouter(nn.Module):
         """x: [T, D]. Returns a Routing with K1·K2 slots per token over A·B flat experts."""
         n_tokens = x.shape[0]
         with torch.autocast(device_type=x.device.type, enabled=False):
-            x32 = x.float()
+            x = router_precision(x)
             primary = noisy_top_k_gating(
-                x32 @ self.w_gate_primary.float(),  # [T, A]
-                x32 @ self.w_noise_primary.float() if self.training else None,
+                x @ self.w_gate_primary.to(x.dtype),  # [T, A]
+                x @ self.w_noise_primary.to(x.dtype) if self.training else None,
                 self.k_groups,
                 self.noise_epsilon,
             )
@@ -69,18 +69,20 @@ class HierarchicalRouter(nn.Module):
 
             # Token-group pairs, group-contiguous; no capacity: every routed token is gated.
             plan = plan_dispatch(primary.index, self.n_groups)
-            rows = gather_rows(x32, plan)  # [N, D]
+            rows = gather_rows(x, plan)  # [N, D]
             rows_per_group = plan.rows_per_expert  # |X^(g)|, [A]
             secondary = noisy_top_k_gating(
-                grouped_matmul(rows, self.w_gate.float(), rows_per_group),  # [N, B]
-                grouped_matmul(rows, self.w_noise.float(), rows_per_group)
+                grouped_matmul(rows, self.w_gate.to(x.dtype), rows_per_group),  # [N, B]
+                grouped_matmul(rows, self.w_noise.to(x.dtype), rows_per_group)
                 if self.training
                 else None,
                 self.k,
                 self.noise_epsilon,
             )
             group_of_row = torch.repeat_interleave(
-                torch.arange(self.n_groups, device=x.device), rows_per_group, output_size=rows.shape[0]
+                torch.arange(self.n_groups, device=x.device),
+                rows_per_group,
+                output_size=rows.shape[0],
             )  # [N]
 
             # Eq. 14: Load_H[g, e] = Load_primary[g] · Load_g(X^(g))[e] / |X^(g)|.

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
 from .batchwise import BatchwiseRouter
@@ -63,7 +62,8 @@ class MoEConfig:
         if self.router == "hierarchical":
             if self.n_groups is None or self.n_groups < 1:
                 raise ValueError(
-                    f"n_groups must be an integer >= 1 for the hierarchical router, got {self.n_groups}"
+                    "n_groups must be an integer >= 1 for the hierarchical router, "
+                    f"got {self.n_groups}"
                 )
             if self.n_experts % self.n_groups:
                 raise ValueError(
@@ -78,7 +78,9 @@ class MoEConfig:
                     f"got {self.k}"
                 )
         elif not 1 <= self.k <= self.n_experts:
-            raise ValueError(f"k must be in [1, {self.n_experts}] (the number of experts), got {self.k}")
+            raise ValueError(
+                f"k must be in [1, {self.n_experts}] (the number of experts), got {self.k}"
+            )
 
     @property
     def experts_per_token(self) -> int:
@@ -140,7 +142,11 @@ def build_router(config: MoEConfig) -> nn.Module:
     balance = {"w_importance": config.w_importance, "w_load": config.w_load}
     if config.router == "noisy_topk":
         return NoisyTopKRouter(
-            config.d_model, config.n_experts, config.k, noise_epsilon=config.noise_epsilon, **balance
+            config.d_model,
+            config.n_experts,
+            config.k,
+            noise_epsilon=config.noise_epsilon,
+            **balance,
         )
     if config.router == "hierarchical":
         return HierarchicalRouter(
@@ -188,7 +194,12 @@ class MoELayer(nn.Module):
             if name not in ("d_model", "n_experts", "expert_hidden", "k", "router")
         }
         return cls(
-            config.d_model, config.n_experts, config.expert_hidden, config.k, config.router, **options
+            config.d_model,
+            config.n_experts,
+            config.expert_hidden,
+            config.k,
+            config.router,
+            **options,
         )
 
     def forward(self, x: Tensor) -> MoEOutput:

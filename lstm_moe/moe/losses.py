@@ -24,7 +24,7 @@ def cv_squared(values: Tensor) -> Tensor:
     """
     if values.numel() <= 1:
         return values.sum() * 0.0
-    values = values.float()
+    values = values.to(torch.promote_types(values.dtype, torch.float32))
     mean = values.mean()
     variance = (values - mean).pow(2).mean()
     return variance / (mean.pow(2) + CV_SQUARED_EPSILON)
@@ -38,7 +38,7 @@ def importance(gates: Tensor, expert_index: Tensor, n_experts: int) -> Tensor:
     """
     valid = expert_index >= 0
     flat_expert = torch.where(valid, expert_index, 0).reshape(-1)  # [R*K]
-    flat_gates = torch.where(valid, gates, 0.0).reshape(-1).float()  # [R*K]
+    flat_gates = torch.where(valid, gates, 0.0).reshape(-1)  # [R*K]
     return flat_gates.new_zeros(n_experts).index_add(0, flat_expert, flat_gates)
 
 
@@ -94,7 +94,7 @@ def batchwise_threshold_loss(
     gate_probs: [R, E] softmax gate values G_σ(x); thresholds: [E];
     batchwise_mask: [R, E] bool. Returns a scalar.
     """
-    values = gate_probs.detach().float()
+    values = gate_probs.detach()
     threshold_mask = (values > thresholds).float()  # [R, E]
     disagreement = threshold_mask - batchwise_mask.float()  # [R, E]
     return (disagreement * (values - thresholds)).sum() / max(gate_probs.shape[0], 1)

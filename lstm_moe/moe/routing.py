@@ -90,6 +90,11 @@ def balance_losses(
     return losses, w_importance * losses["importance"] + w_load * losses["load"]
 
 
+def router_precision(x: Tensor) -> Tensor:
+    """The router's input in float32, or wider if it already is (float64 for gradcheck)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def check_top_k(k: int, n_experts: int, name: str = "k") -> None:
     if n_experts < 1:
         raise ValueError(f"n_experts must be >= 1, got {n_experts}")
@@ -132,9 +137,9 @@ class NoisyTopKRouter(nn.Module):
     def forward(self, x: Tensor) -> Routing:
         """x: [T, D]. Returns a Routing with K = k slots per token."""
         with torch.autocast(device_type=x.device.type, enabled=False):
-            x32 = x.float()
-            clean_logits = x32 @ self.w_gate.float()  # [T, E]
-            raw_noise = x32 @ self.w_noise.float() if self.training else None  # [T, E]
+            x = router_precision(x)
+            clean_logits = x @ self.w_gate.to(x.dtype)  # [T, E]
+            raw_noise = x @ self.w_noise.to(x.dtype) if self.training else None  # [T, E]
             gating = noisy_top_k_gating(clean_logits, raw_noise, self.k, self.noise_epsilon)
             importance_per_expert = importance(gating.gates, gating.index, self.n_experts)
             load_per_expert = gating.load_per_row.sum(0)  # Eq. 10, [E]
@@ -154,4 +159,5 @@ __all__ = [
     "balance_losses",
     "check_top_k",
     "noisy_top_k_gating",
+    "router_precision",
 ]
