@@ -24,7 +24,7 @@ class BatchwiseRouter(nn.Module):
       mask as a function of G_σ(x).
     - m = floor(k·|X|/n), at least 1 and at most |X|.
     - A token that no expert selected gets all-zero gates (no output from the layer).
-    - Ties between equal gate values break by token order (torch.topk).
+    - Ties between exactly equal gate values are broken by torch.topk (implementation-defined).
     - W_g starts from N(0, init_std²), not zero: with no noise, zero weights would give every
       token the same gate values and every expert the same m tokens.
     - T starts at 1/n, the gate value of a uniform gate.
@@ -67,7 +67,8 @@ class BatchwiseRouter(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = router_precision(x)
             gate_probs = torch.softmax(x @ self.w_gate.to(x.dtype), dim=-1)  # G_σ, [T, E]
-            top_tokens = gate_probs.topk(self.tokens_per_expert(n_tokens), dim=0).indices  # [m, E]
+            m = self.tokens_per_expert(n_tokens) if n_tokens else 0
+            top_tokens = gate_probs.topk(m, dim=0).indices  # [m, E]
             batchwise_mask = torch.zeros_like(gate_probs, dtype=torch.bool)
             batchwise_mask = batchwise_mask.scatter(0, top_tokens, True)  # Eq. 18, [T, E]
             threshold_loss = batchwise_threshold_loss(gate_probs, self.thresholds, batchwise_mask)
@@ -76,7 +77,7 @@ class BatchwiseRouter(nn.Module):
             masked = gate_probs * mask  # [T, E]
             all_gates = masked / masked.sum(-1, keepdim=True).clamp(min=1e-30)  # Eq. 16
             # Compact the variable set of experts per token into K padded slots.
-            slots = max(1, int(mask.sum(-1).max()))
+            slots = max(1, int(mask.sum(-1).max())) if n_tokens else 1
             scores = torch.where(mask, gate_probs, -1.0)
             top_scores, top_index = scores.topk(slots, dim=-1)  # [T, K]
             valid = top_scores >= 0

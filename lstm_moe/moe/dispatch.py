@@ -90,13 +90,16 @@ def combine_rows(expert_out: Tensor, gates: Tensor, plan: DispatchPlan) -> Tenso
     """y_t = Σ_slot gate[t, slot] · expert_out[pair(t, slot)] (Eq. 1).
 
     expert_out: [N, D]; gates: [T, K]. Each output row is written back to its (token, slot)
-    place, then each token's K rows are mixed by its gates with one batched product: no
-    atomics, so the sum is in a fixed order. Dropped and unused slots contribute zero.
-    Returns [T, D] in the dtype of expert_out.
+    place, then each token's K rows are mixed by its gates with one batched product, so the
+    forward sum is in a fixed order. Dropped and unused slots contribute zero.
+    The mix runs in the gates' precision (float32 from every router), outside autocast: the
+    gate gradient is the router's only signal from the task loss. Returns [T, D].
     """
-    n_tokens, slots = plan.n_tokens, plan.slots_per_token
-    by_slot = expert_out.new_zeros(n_tokens * slots, expert_out.shape[-1])
+    n_tokens, slots, width = plan.n_tokens, plan.slots_per_token, expert_out.shape[-1]
+    by_slot = expert_out.new_zeros(n_tokens * slots, width)
     by_slot = by_slot.index_copy(0, plan.pair_index, expert_out)  # [P, D]
-    by_slot = by_slot.view(n_tokens, slots, -1)  # [T, K, D]
-    weights = gates.to(expert_out.dtype).unsqueeze(1)  # [T, 1, K]
-    return torch.bmm(weights, by_slot).squeeze(1)  # [T, D]
+    by_slot = by_slot.view(n_tokens, slots, width)  # [T, K, D]
+    dtype = torch.promote_types(gates.dtype, expert_out.dtype)
+    with torch.autocast(device_type=expert_out.device.type, enabled=False):
+        weights = gates.to(dtype).unsqueeze(1)  # [T, 1, K]
+        return torch.bmm(weights, by_slot.to(dtype)).squeeze(1)  # [T, D]

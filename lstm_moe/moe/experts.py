@@ -23,6 +23,8 @@ def _grouped_mm_supported(rows: Tensor, weight: Tensor) -> bool:
     dtypes = _GROUPED_MM_DTYPES.get(rows.device.type, ())
     if rows.dtype not in dtypes or weight.dtype != rows.dtype:
         return False
+    if rows.device.type == "cuda" and torch.cuda.get_device_capability(rows.device) < (9, 0):
+        return False
     # The kernel needs every row (of the inputs, the weights and their transposes in the
     # backward) to start on a 16-byte boundary.
     row_bytes = (rows.shape[-1] * rows.element_size(), weight.shape[-1] * weight.element_size())
@@ -66,9 +68,9 @@ def _padded_bmm(rows: Tensor, weight: Tensor, rows_per_expert: Tensor) -> Tensor
     slot_of_row = torch.arange(n_rows, device=rows.device) - starts[expert_of_row]  # [N]
     flat_slot = expert_of_row * capacity + slot_of_row  # [N]
     padded = rows.new_zeros(n_experts * capacity, rows.shape[1])
-    padded = padded.index_copy(0, flat_slot, rows).view(n_experts, capacity, -1)  # [E, C, D]
+    padded = padded.index_copy(0, flat_slot, rows).view(n_experts, capacity, rows.shape[1])
     out = torch.bmm(padded, weight)  # [E, C, H]
-    return out.reshape(n_experts * capacity, -1).index_select(0, flat_slot)  # [N, H]
+    return out.reshape(n_experts * capacity, weight.shape[-1]).index_select(0, flat_slot)
 
 
 def grouped_matmul(rows: Tensor, weight: Tensor, rows_per_expert: Tensor) -> Tensor:
@@ -76,7 +78,12 @@ def grouped_matmul(rows: Tensor, weight: Tensor, rows_per_expert: Tensor) -> Ten
 
     rows: [N, D], sorted so that expert e's rows follow expert e-1's;
     weight: [E, D, H]; rows_per_expert: [E] int64 summing to N. Returns [N, H].
+    Under autocast both operands are cast to the autocast dtype (bf16 experts with float32
+    master weights), and the product runs in that dtype.
     """
+    if torch.is_autocast_enabled(rows.device.type):
+        dtype = torch.get_autocast_dtype(rows.device.type)
+        rows, weight = rows.to(dtype), weight.to(dtype)
     if _grouped_mm_supported(rows, weight):
         offsets = torch.cumsum(rows_per_expert, 0, dtype=torch.int32)  # [E] end of each block
         return _GroupedMatmul.apply(rows, weight, offsets)
@@ -120,11 +127,11 @@ class BatchedExperts(nn.Module):
                 rows_per_expert,
                 output_size=rows.shape[0],
             )  # [N]
-            hidden = hidden + self.b_in.index_select(0, expert_of_row)
+            hidden = hidden + self.b_in.index_select(0, expert_of_row).to(hidden.dtype)
         hidden = torch.relu(hidden)
         out = grouped_matmul(hidden, self.w_out, rows_per_expert)  # [N, D]
         if self.b_out is not None:
-            out = out + self.b_out.index_select(0, expert_of_row)
+            out = out + self.b_out.index_select(0, expert_of_row).to(out.dtype)
         return out
 
     def extra_repr(self) -> str:

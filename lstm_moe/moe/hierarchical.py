@@ -25,8 +25,8 @@ class HierarchicalRouter(nn.Module):
     The secondary gates are evaluated only for the tokens routed to their group: the
     (token, group) pairs go through the same dispatcher as tokens to experts, and the A
     secondary gating matrices are applied with one grouped matmul. All gating weights start
-    at zero (App. A). With one group the result equals the flat NoisyTopKRouter exactly
-    (same routing, losses and random draws).
+    at zero (App. A). With one group the result equals the flat NoisyTopKRouter (same
+    routing and random draws; losses equal up to floating-point rounding).
     """
 
     def __init__(

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from .batchwise import BatchwiseRouter
-from .dispatch import combine_rows, expert_capacity, gather_rows, plan_dispatch
+from .dispatch import DispatchPlan, combine_rows, expert_capacity, gather_rows, plan_dispatch
 from .experts import BatchedExperts
 from .hierarchical import HierarchicalRouter
 from .routing import NoisyTopKRouter, Routing
@@ -209,6 +209,18 @@ class MoELayer(nn.Module):
             raise ValueError(f"input width (last dim) must be d_model={d_model}, got {x.shape[-1]}")
         tokens = x.reshape(-1, d_model)  # [T, D]
         routing = self.router(tokens)
+        output, plan = self.mix_experts(tokens, routing.expert_index, routing.gates)
+        stats = _routing_stats(routing, plan.rows_per_expert, plan.routed_per_expert)
+        output = output.view(*x.shape[:-1], d_model)
+        return MoEOutput(output, routing.aux_loss, routing.losses, stats)
+
+    def mix_experts(
+        self, tokens: Tensor, expert_index: Tensor, gates: Tensor
+    ) -> tuple[Tensor, DispatchPlan]:
+        """Σ_slot gates · expert(token) for a given routing: dispatch, experts, combine.
+
+        tokens: [T, D]; expert_index, gates: [T, K]. Returns ([T, D], the dispatch plan).
+        """
         capacity = None
         if self.config.capacity_factor is not None:
             capacity = expert_capacity(
@@ -217,8 +229,6 @@ class MoELayer(nn.Module):
                 self.config.n_experts,
                 self.config.capacity_factor,
             )
-        plan = plan_dispatch(routing.expert_index, self.config.n_experts, capacity)
+        plan = plan_dispatch(expert_index, self.config.n_experts, capacity)
         expert_out = self.experts(gather_rows(tokens, plan), plan.rows_per_expert)  # [N, D]
-        output = combine_rows(expert_out, routing.gates, plan)  # [T, D]
-        stats = _routing_stats(routing, plan.rows_per_expert, plan.routed_per_expert)
-        return MoEOutput(output.view(*x.shape[:-1], -1), routing.aux_loss, routing.losses, stats)
+        return combine_rows(expert_out, gates, plan), plan

@@ -60,7 +60,8 @@ def noisy_top_k_gating(
     clean_logits: [R, E] float32 = x·W_g. raw_noise_logits: [R, E] = x·W_noise, or None to
     draw no noise (evaluation, or k equal to E where nothing is selected). The noise scale is
     Softplus(x·W_noise) + noise_epsilon; the authors' released code adds noise_epsilon = 1e-2
-    so the division in Eq. 9 can never be by zero; noise_epsilon = 0 gives Eq. 4 exactly.
+    so the division in Eq. 9 can never be by zero; noise_epsilon = 0 gives Eq. 4 exactly, at
+    the risk of a zero scale (and NaN gradients) where Softplus underflows.
     """
     n_experts = clean_logits.shape[-1]
     if raw_noise_logits is None or k == n_experts:

@@ -1,0 +1,17 @@
+"""Process-level settings shared by the command-line entry points."""
+
+from __future__ import annotations
+
+import os
+
+
+def enable_cpu_hugepages() -> None:
+    """Back large CPU tensors with 2 MiB transparent huge pages.
+
+    PyTorch's CPU allocator reads THP_MEM_ALLOC_ENABLE at every large allocation and then
+    madvises the block. Expert weights and their gradients run to gigabytes at E >= 256, and
+    with 4 KiB pages the first touch of every freshly allocated gradient costs a page fault per
+    page: measured on a 2-core machine, a new 2 GiB tensor is written at ~3.5 GB/s with 4 KiB
+    pages and ~14 GB/s with huge pages. A value the user has set is kept.
+    """
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")

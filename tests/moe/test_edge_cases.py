@@ -1,0 +1,53 @@
+"""Edge cases: empty batches, one token, everything dropped, and mixed precision."""
+
+import pytest
+import torch
+
+from lstm_moe.moe import MoELayer
+
+ROUTERS = [("noisy_topk", {}), ("hierarchical", {"n_groups": 2}), ("batchwise", {})]
+
+
+@pytest.mark.parametrize("router,options", ROUTERS)
+@pytest.mark.parametrize("training", [True, False])
+def test_empty_batch(router, options, training):
+    layer = MoELayer(8, 4, 16, 2, router, **options).train(training)
+    x = torch.randn(0, 3, 8, requires_grad=True)
+    out = layer(x)
+    assert out.output.shape == (0, 3, 8)
+    (out.output.sum() + out.aux_loss).backward()
+    assert torch.isfinite(out.aux_loss)
+
+
+@pytest.mark.parametrize("router,options", ROUTERS)
+def test_single_token(router, options):
+    layer = MoELayer(8, 4, 16, 2, router, **options).train()
+    out = layer(torch.randn(1, 8))
+    assert out.output.shape == (1, 8) and torch.isfinite(out.output).all()
+
+
+def test_tiny_capacity_drops_but_stays_finite():
+    layer = MoELayer(8, 4, 16, 4, capacity_factor=0.01).train()  # capacity 1 per expert
+    out = layer(torch.randn(50, 8))
+    assert out.stats.tokens_per_expert.tolist() == [1, 1, 1, 1]
+    assert out.stats.fraction_dropped.item() == pytest.approx(1 - 4 / 200)
+    assert torch.isfinite(out.output).all()
+
+
+def test_bf16_autocast_keeps_router_and_mix_in_float32():
+    """Experts run in bf16 under autocast; the gate (Switch's selective precision) and the
+    gate-weighted mix stay float32."""
+    layer = MoELayer(16, 4, 16, 2).train()
+    x = torch.randn(12, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        routing = layer.router(x)
+        out = layer(x)
+    assert routing.gates.dtype == torch.float32 and routing.aux_loss.dtype == torch.float32
+    assert out.output.dtype == torch.float32
+    reference = layer.eval()(x).output
+    layer.train()
+    assert torch.isfinite(out.output).all()
+    # bf16 experts: close to the float32 result at bf16 precision.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = layer.eval()(x).output
+    torch.testing.assert_close(low, reference, atol=5e-2, rtol=5e-2)
