@@ -11,6 +11,8 @@ gate's own cost, identical for every sparse contender, is reported separately (r
   (loop)   for each expert: boolean mask, its own Linear-ReLU-Linear module, index_add back.
   (onehot) [T, E, C] dispatch and combine tensors with einsum, capacity factor 1.25.
 
+Every contender's layers are bias-free, like the paper's experts (App. C.1).
+
 Each contender runs in its own process so that its peak memory (max RSS above the process's
 baseline after start-up, or CUDA max_memory_allocated) is its own. Time is the median of
 --repeats runs after --warmup runs; parameter gradients are reset to None before each run, as
@@ -51,10 +53,10 @@ DEFAULT_SIZES = ((4, 1024), (32, 1024), (256, 1024), (1024, 1024), (4096, 256))
 class DenseFFN(nn.Module):
     """D -> k·H -> D: the per-token FLOPs of k experts of width H."""
 
-    def __init__(self, d_model: int, hidden: int):
+    def __init__(self, d_model: int, hidden: int, bias: bool = False):
         super().__init__()
-        self.inner = nn.Linear(d_model, hidden)
-        self.outer = nn.Linear(hidden, d_model)
+        self.inner = nn.Linear(d_model, hidden, bias=bias)
+        self.outer = nn.Linear(hidden, d_model, bias=bias)
 
     def forward(self, x: Tensor, expert_index: Tensor, gates: Tensor) -> Tensor:
         return self.outer(torch.relu(self.inner(x)))
@@ -64,10 +66,14 @@ class LoopMoE(nn.Module):
     """The per-expert loop used by most MoE ports: one module per expert, a boolean mask to
     find its tokens, and index_add to put the gated outputs back."""
 
-    def __init__(self, n_experts: int, d_model: int, hidden: int):
+    def __init__(self, n_experts: int, d_model: int, hidden: int, bias: bool = False):
         super().__init__()
         self.experts = nn.ModuleList(
-            nn.Sequential(nn.Linear(d_model, hidden), nn.ReLU(), nn.Linear(hidden, d_model))
+            nn.Sequential(
+                nn.Linear(d_model, hidden, bias=bias),
+                nn.ReLU(),
+                nn.Linear(hidden, d_model, bias=bias),
+            )
             for _ in range(n_experts)
         )
 
@@ -89,18 +95,20 @@ class OneHotMoE(nn.Module):
     Index letters: t token, k slot, e expert, c capacity slot, d model width, h hidden width.
     """
 
-    def __init__(self, n_experts: int, d_model: int, hidden: int, capacity_factor: float):
+    def __init__(
+        self, n_experts: int, d_model: int, hidden: int, capacity_factor: float, bias: bool = False
+    ):
         super().__init__()
         self.n_experts, self.capacity_factor = n_experts, capacity_factor
         bound_in, bound_out = 1 / math.sqrt(d_model), 1 / math.sqrt(hidden)
         self.w_in = nn.Parameter(
             torch.empty(n_experts, d_model, hidden).uniform_(-bound_in, bound_in)
         )
-        self.b_in = nn.Parameter(torch.zeros(n_experts, hidden))
+        self.b_in = nn.Parameter(torch.zeros(n_experts, hidden)) if bias else None
         self.w_out = nn.Parameter(
             torch.empty(n_experts, hidden, d_model).uniform_(-bound_out, bound_out)
         )
-        self.b_out = nn.Parameter(torch.zeros(n_experts, d_model))
+        self.b_out = nn.Parameter(torch.zeros(n_experts, d_model)) if bias else None
 
     def forward(self, x: Tensor, expert_index: Tensor, gates: Tensor) -> Tensor:
         n_tokens, k = expert_index.shape
@@ -116,17 +124,21 @@ class OneHotMoE(nn.Module):
         combine = x.new_zeros(n_tokens, n_experts * capacity)
         combine = combine.scatter(1, column, gates * keep).view(n_tokens, n_experts, capacity)
         expert_in = torch.einsum("tec,td->ecd", dispatch, x)  # [E, C, D]
-        hidden = torch.relu(torch.einsum("ecd,edh->ech", expert_in, self.w_in) + self.b_in[:, None])
-        expert_out = torch.einsum("ech,ehd->ecd", hidden, self.w_out) + self.b_out[:, None]
+        hidden = torch.einsum("ecd,edh->ech", expert_in, self.w_in)  # [E, C, H]
+        if self.b_in is not None:
+            hidden = hidden + self.b_in[:, None]
+        expert_out = torch.einsum("ech,ehd->ecd", torch.relu(hidden), self.w_out)  # [E, C, D]
+        if self.b_out is not None:
+            expert_out = expert_out + self.b_out[:, None]
         return torch.einsum("tec,ecd->td", combine, expert_out)  # [T, D]
 
 
 class ProjectMoE(nn.Module):
     """This project's layer, fed the shared routing (its router is not used here)."""
 
-    def __init__(self, n_experts: int, d_model: int, hidden: int, k: int):
+    def __init__(self, n_experts: int, d_model: int, hidden: int, k: int, bias: bool = False):
         super().__init__()
-        self.layer = MoELayer(d_model, n_experts, hidden, k)
+        self.layer = MoELayer(d_model, n_experts, hidden, k, expert_bias=bias)
         del self.layer.router
 
     def forward(self, x: Tensor, expert_index: Tensor, gates: Tensor) -> Tensor:

@@ -33,6 +33,9 @@ class MoEConfig:
         modelling, 0.01 for translation.
     w_threshold: batchwise only, weight of the threshold loss of App. F, Eq. 20.
     noise_epsilon: added to Softplus(x·W_noise), as in the authors' code; 0 gives Eq. 4.
+    expert_bias: give each expert's two layers a bias. Off by default: App. C.1 describes the
+        expert as a ReLU hidden layer and an output layer, and the authors' code has no biases.
+        (They also cost a per-row gather and a segment sum in the backward.)
     """
 
     d_model: int
@@ -47,7 +50,7 @@ class MoEConfig:
     w_load: float = 0.1
     w_threshold: float = 1.0
     noise_epsilon: float = 1e-2
-    expert_bias: bool = True
+    expert_bias: bool = False
 
     def __post_init__(self) -> None:
         for name in ("d_model", "n_experts", "expert_hidden"):

@@ -13,9 +13,9 @@ from eval.bench_moe import LoopMoE, OneHotMoE, ProjectMoE
 def test_contenders_compute_the_same_moe():
     torch.manual_seed(0)
     n_experts, d_model, hidden, k, tokens = 5, 16, 8, 2, 40
-    moe = ProjectMoE(n_experts, d_model, hidden, k)
-    loop = LoopMoE(n_experts, d_model, hidden)
-    onehot = OneHotMoE(n_experts, d_model, hidden, capacity_factor=float(n_experts))  # no drops
+    moe = ProjectMoE(n_experts, d_model, hidden, k, bias=True)
+    loop = LoopMoE(n_experts, d_model, hidden, bias=True)
+    onehot = OneHotMoE(n_experts, d_model, hidden, float(n_experts), bias=True)  # no drops
     experts = moe.layer.experts
     with torch.no_grad():
         for e, module in enumerate(loop.experts):

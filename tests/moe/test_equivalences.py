@@ -11,7 +11,7 @@ from lstm_moe.moe.experts import _padded_bmm
 
 
 def test_one_expert_k1_equals_dense_ffn():
-    layer = MoELayer(8, 1, 16, 1).train()
+    layer = MoELayer(8, 1, 16, 1, expert_bias=True).train()
     dense = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
     with torch.no_grad():
         dense[0].weight.copy_(layer.experts.w_in[0].t())

@@ -13,8 +13,11 @@ D, H = 12, 16  # rows of 48 and 64 bytes: the fp32 runs take the grouped kernel
 CASES = {
     "noisy_topk": dict(n_experts=8, k=3, router="noisy_topk"),
     "noisy_topk_k_equals_e": dict(n_experts=3, k=3, router="noisy_topk"),
-    "hierarchical": dict(n_experts=12, k=2, router="hierarchical", n_groups=3, k_groups=2),
-    "batchwise": dict(n_experts=6, k=2, router="batchwise"),
+    # Two cases with expert biases so the bias path is checked too (off by default).
+    "hierarchical": dict(
+        n_experts=12, k=2, router="hierarchical", n_groups=3, k_groups=2, expert_bias=True
+    ),
+    "batchwise": dict(n_experts=6, k=2, router="batchwise", expert_bias=True),
 }
 
 
