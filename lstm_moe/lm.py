@@ -1,0 +1,172 @@
+"""The paper's language model (Shazeer et al. 2017, App. C.1): embedding → LSTM → MoE → LSTM →
+softmax, every layer wrapped as `h + Dropout(f(h))`.
+
+"For every layer other than the softmax, we apply dropout to the layer output ... After dropout,
+the output of the previous layer is added to the layer output. ... The MoE layer output is passed
+through a sigmoid function before dropout." The MoE runs on all time steps of the batch in one
+call (`[T, B, D]` is one set of T·B tokens): the paper's "convolutional" application.
+
+Index letters: T time steps, B batch lanes, D model width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lstm_moe.config import LMConfig
+from lstm_moe.moe import MoELayer, MoEOutput
+from lstm_moe.softmax import Softmax
+
+LSTMState = tuple[Tensor, Tensor]
+
+
+class LSTMBlock(nn.Module):
+    """One LSTM layer, with an output projection to d_model when it has more cells (LSTMP)."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.d_model, self.hidden = d_model, hidden
+        self.lstm = nn.LSTM(d_model, hidden, proj_size=d_model if hidden != d_model else 0)
+        # PyTorch's LSTM adds two bias vectors (b_ih + b_hh) where the paper's LSTM has one;
+        # b_hh is held at zero and frozen so the model and its parameter count are the paper's.
+        with torch.no_grad():
+            self.lstm.bias_hh_l0.zero_()
+        self.lstm.bias_hh_l0.requires_grad_(False)
+
+    def forward(self, x: Tensor, state: LSTMState | None) -> tuple[Tensor, LSTMState]:
+        return self.lstm(x, state)  # [T, B, D]
+
+    def ops_per_timestep(self) -> int:
+        """Multiply-adds per token: four gates over [input, recurrent output], plus projection."""
+        recurrent = self.d_model if self.hidden != self.d_model else self.hidden
+        projection = self.hidden * self.d_model if self.hidden != self.d_model else 0
+        return 4 * self.hidden * (self.d_model + recurrent) + projection
+
+
+class MoEBlock(nn.Module):
+    """The sparsely-gated MoE layer applied to every position; sigmoid of its output (App. C.1)."""
+
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        self.moe = MoELayer.from_config(config.moe_config())
+
+    def forward(self, x: Tensor) -> tuple[Tensor, MoEOutput]:
+        result = self.moe(x)  # x: [T, B, D] routed as T·B tokens in one call
+        return torch.sigmoid(result.output), result
+
+    def ops_per_timestep(self) -> int:
+        """Multiply-adds per token: the experts each token uses plus the gating networks
+        (W_g and W_noise, Eq. 3-4; counted like this the totals match Table 7)."""
+        cfg = self.moe.config
+        expert = 2 * cfg.d_model * cfg.expert_hidden
+        if cfg.router == "hierarchical":
+            per_group = cfg.n_experts // cfg.n_groups
+            gating = 2 * cfg.d_model * cfg.n_groups + cfg.k_groups * 2 * cfg.d_model * per_group
+            return cfg.k_groups * cfg.k * expert + gating
+        gate_matrices = 1 if cfg.router == "batchwise" else 2
+        return cfg.k * expert + gate_matrices * cfg.d_model * cfg.n_experts
+
+
+class FFNBlock(nn.Module):
+    """A dense stand-in for the MoE layer: one "expert" that every token uses (MoE-1-Wide,
+    MoE-1-Deep). Treated like the MoE layer it replaces, sigmoid included."""
+
+    def __init__(self, d_model: int, hidden: tuple[int, ...]):
+        super().__init__()
+        widths = (d_model, *hidden, d_model)
+        layers: list[nn.Module] = []
+        for i, (n_in, n_out) in enumerate(itertools.pairwise(widths)):
+            layers.append(nn.Linear(n_in, n_out, bias=False))
+            if i < len(widths) - 2:
+                layers.append(nn.ReLU())
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.sigmoid(self.net(x))
+
+    def ops_per_timestep(self) -> int:
+        return sum(m.weight.numel() for m in self.net if isinstance(m, nn.Linear))
+
+
+@dataclass
+class LMOutput:
+    """hidden: [T, B, D] final layer output (the softmax input); state: per LSTM layer;
+    aux_loss: the sum of the MoE layers' weighted balancing losses; moe: their full results."""
+
+    hidden: Tensor
+    state: list[LSTMState]
+    aux_loss: Tensor
+    moe: list[MoEOutput]
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.d_model)
+        nn.init.normal_(self.embedding.weight, std=1.0)
+        blocks: list[nn.Module] = []
+        for kind in config.layers:
+            if kind == "lstm":
+                blocks.append(LSTMBlock(config.d_model, config.lstm_hidden))
+            elif kind == "moe":
+                blocks.append(MoEBlock(config))
+            else:
+                blocks.append(FFNBlock(config.d_model, config.ffn_hidden))
+        self.blocks = nn.ModuleList(blocks)
+        self.dropout = nn.Dropout(config.dropout)
+        self.softmax = Softmax(config.d_model, config.vocab_size, config.n_samples)
+
+    def initial_state(self) -> list[LSTMState | None]:
+        return [None] * sum(isinstance(b, LSTMBlock) for b in self.blocks)
+
+    def forward(self, inputs: Tensor, state: list[LSTMState | None] | None = None) -> LMOutput:
+        """inputs: [T, B] int64 token ids; state: from the previous window (or None)."""
+        state = self.initial_state() if state is None else state
+        h = self.dropout(self.embedding(inputs))  # [T, B, D]
+        new_state: list[LSTMState] = []
+        moe_results: list[MoEOutput] = []
+        aux_loss = h.new_zeros((), dtype=torch.float32)
+        for block in self.blocks:
+            if isinstance(block, LSTMBlock):
+                out, layer_state = block(h, state[len(new_state)])
+                new_state.append(layer_state)
+            elif isinstance(block, MoEBlock):
+                out, result = block(h)
+                moe_results.append(result)
+                aux_loss = aux_loss + result.aux_loss
+            else:
+                out = block(h)
+            h = h + self.dropout(out)
+        return LMOutput(h, new_state, aux_loss, moe_results)
+
+    def nll(self, hidden: Tensor, targets: Tensor, sampled: bool = False) -> Tensor:
+        """Per-token negative log-likelihood [T·B] of targets [T, B] given hidden [T, B, D];
+        `sampled` uses the importance-sampled estimate (training only)."""
+        flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+        use_sampled = sampled and self.config.softmax == "sampled"
+        if use_sampled:
+            return self.softmax.sampled_nll(flat_hidden, flat_targets)
+        return self.softmax.nll(flat_hidden, flat_targets)
+
+    # ------------------------------------------------------------------ size, as in Table 7
+
+    def ops_per_timestep(self) -> int:
+        """Multiply-adds per token, excluding embedding and softmax (Table 7's ops/timestep)."""
+        return sum(block.ops_per_timestep() for block in self.blocks)
+
+    def params_excluding_embedding_softmax(self) -> int:
+        """Trained parameters between the embedding and the softmax (Table 7's #Params)."""
+        return sum(p.numel() for p in self.blocks.parameters() if p.requires_grad)
+
+    def total_params(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def detach_state(state: list[LSTMState]) -> list[LSTMState]:
+    """Truncated backpropagation through time: keep the values, cut the graph."""
+    return [(h.detach(), c.detach()) for h, c in state]

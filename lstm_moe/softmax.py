@@ -1,0 +1,85 @@
+"""The output layer: an exact softmax for evaluation and small vocabularies, and an importance-
+sampled softmax for training with large ones (the paper trains its 793,471-word softmax "using
+importance sampling similarly to the models in (Jozefowicz et al., 2016)", App. C.1).
+
+Sampled softmax: per training step, S candidate words are drawn (with replacement) from a
+log-uniform proposal over the frequency-ranked vocabulary, Q(c) = log((c+2)/(c+1)) / log(V+1)
+(data_prep.vocab assigns ids by decreasing frequency, so this is a Zipf-shaped guess of the
+unigram distribution). Each row's loss is a softmax over {its target} ∪ {candidates}, with every
+logit corrected by -log(S·Q(c)) (the expected number of times c was drawn), and candidates equal
+to the target removed ("accidental hits"). This is an estimate of the full softmax's gradient
+whose bias falls as S grows; evaluation never uses it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Rows of logits materialised at once by the exact softmax: bounds its memory at
+# _LOGITS_PER_CHUNK floats whatever the vocabulary size (793k words x 64 rows = 200 MB).
+_LOGITS_PER_CHUNK = 1 << 25
+
+
+def log_uniform_log_prob(ids: Tensor, vocab_size: int) -> Tensor:
+    """log Q(c) of the log-uniform proposal, for ids: [...] int64."""
+    ids = ids.to(torch.float64)
+    q = torch.log1p(1.0 / (ids + 1.0)) / math.log(vocab_size + 1.0)
+    return q.log().to(torch.float32)
+
+
+def sample_log_uniform(n_samples: int, vocab_size: int, generator=None, device=None) -> Tensor:
+    """Draw ids ~ Q by inverting its CDF: P(id < c) = log(c+1) / log(V+1)."""
+    u = torch.rand(n_samples, generator=generator, device=device, dtype=torch.float64)
+    ids = torch.floor(torch.exp(u * math.log(vocab_size + 1.0))).long() - 1
+    return ids.clamp_(0, vocab_size - 1)
+
+
+class Softmax(nn.Module):
+    """Output embedding [V, D] and bias [V]. `nll` is exact; `sampled_nll` estimates it."""
+
+    def __init__(self, d_model: int, vocab_size: int, n_samples: int = 8192):
+        super().__init__()
+        self.vocab_size, self.n_samples = vocab_size, n_samples
+        self.weight = nn.Parameter(torch.empty(vocab_size, d_model))
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+        nn.init.normal_(self.weight, std=1 / math.sqrt(d_model))
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """hidden: [N, D] -> [N, V] float32 (under autocast too)."""
+        return F.linear(hidden.float(), self.weight.float(), self.bias.float())
+
+    def nll(self, hidden: Tensor, targets: Tensor) -> Tensor:
+        """Exact negative log-likelihood per row. hidden: [N, D]; targets: [N] -> [N] float32.
+        Computed in row chunks so that the [N, V] logits never exist at once."""
+        chunk = max(1, _LOGITS_PER_CHUNK // self.vocab_size)
+        pieces = [
+            F.cross_entropy(self.logits(h), t, reduction="none")
+            for h, t in zip(hidden.split(chunk), targets.split(chunk), strict=True)
+        ]
+        return torch.cat(pieces) if pieces else hidden.new_zeros(0)
+
+    def sampled_nll(self, hidden: Tensor, targets: Tensor, generator=None) -> Tensor:
+        """Importance-sampled negative log-likelihood per row (see the module docstring).
+        hidden: [N, D]; targets: [N] -> [N] float32. Falls back to the exact loss when the
+        vocabulary is not larger than the number of samples."""
+        if self.vocab_size <= self.n_samples:
+            return self.nll(hidden, targets)
+        samples = sample_log_uniform(
+            self.n_samples, self.vocab_size, generator, hidden.device
+        )  # [S]
+        log_expected = math.log(self.n_samples) + log_uniform_log_prob(
+            torch.cat([targets, samples]), self.vocab_size
+        )  # [N + S]
+        hidden = hidden.float()
+        true_logits = (hidden * self.weight[targets].float()).sum(-1) + self.bias[targets]  # [N]
+        sample_logits = F.linear(hidden, self.weight[samples].float(), self.bias[samples])  # [N, S]
+        true_logits = true_logits - log_expected[: len(targets)]
+        sample_logits = sample_logits - log_expected[len(targets) :]
+        hit = targets[:, None] == samples[None, :]  # [N, S]
+        sample_logits = sample_logits.masked_fill(hit, float("-inf"))
+        logits = torch.cat([true_logits[:, None], sample_logits], dim=1)  # [N, 1 + S]
+        return torch.logsumexp(logits, dim=1) - true_logits

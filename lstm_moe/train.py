@@ -1,0 +1,531 @@
+"""Train a language model on a prepared dataset (data_prep.*), resumably.
+
+    python -m lstm_moe.train --data data/lm1b-<id> --run runs/moe32 --preset MoE-32 \\
+        --max_tokens=100000000 [--key=value ...]
+    python -m lstm_moe.train --run runs/moe32 --resume
+
+Any LMConfig or TrainConfig field can be overridden with `--field=value` (type-checked). The run
+folder holds everything needed to resume or evaluate:
+  config.json     the model and training configs, the dataset's path and fingerprint
+  metrics.jsonl   one JSON object per log interval ("kind": "train") and per validation
+                  ("kind": "valid"): loss, perplexity, each auxiliary loss, load CV, max/mean
+                  load, tokens/s
+  checkpoint.pt   model, optimizer, schedule, RNG states, LSTM state and data position, written
+                  atomically every `checkpoint_every` steps and at the end
+
+Optimisation follows App. C.1: Adam; the learning rate rises linearly for `warmup_steps` (1000 in
+the paper) and then falls ∝ 1/√step; the weighted balancing losses are added to the loss.
+A resumed run continues exactly: its losses equal those of a run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from data_prep.binarize import read_meta, read_split
+from data_prep.vocab import EOS_ID
+from lstm_moe.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from lstm_moe.config import (
+    LMConfig,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    split_overrides,
+)
+from lstm_moe.data import LaneBatches
+from lstm_moe.lm import LanguageModel, detach_state
+from lstm_moe.presets import get_preset
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """batch_size lanes × bptt steps = tokens per step. Budgets: training stops at the first
+    of max_steps / max_tokens / max_seconds that is set (at least one must be).
+
+    lr: the peak learning rate, reached at the end of the linear warm-up.
+    eval_every: steps between validations; eval_tokens: validation targets used each time
+        (0 = the whole split). checkpoint_every: steps between checkpoints.
+    bf16: on CUDA, run under bf16 autocast (the router and the softmax stay in float32).
+    """
+
+    batch_size: int = 32
+    bptt: int = 20
+    lr: float = 1e-3
+    warmup_steps: int = 1000
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    grad_clip: float = 1.0
+    max_steps: int | None = None
+    max_tokens: int | None = None
+    max_seconds: float | None = None
+    eval_every: int = 500
+    eval_tokens: int = 100_000
+    checkpoint_every: int = 200
+    log_every: int = 10
+    seed: int = 1
+    device: str = "auto"
+    bf16: bool = True
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "bptt", "eval_every", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.warmup_steps < 0:
+            raise ValueError(
+                f"lr must be > 0 and warmup_steps >= 0, got {self.lr}, {self.warmup_steps}"
+            )
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.bptt
+
+
+def learning_rate_factor(step: int, warmup_steps: int) -> float:
+    """Multiplier of the peak rate after `step` updates: linear warm-up, then ∝ 1/√step."""
+    step = max(step, 1)
+    if warmup_steps == 0:
+        return 1.0 / math.sqrt(step)
+    return min(step / warmup_steps, math.sqrt(warmup_steps / step))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_dtype_for(device: torch.device, bf16: bool) -> torch.dtype | None:
+    # bf16 matrix products are very slow on CPUs without AMX; float32 there.
+    return torch.bfloat16 if bf16 and device.type == "cuda" else None
+
+
+def data_fingerprint(data_dir: Path, meta: dict) -> dict:
+    fingerprint = {
+        "path": str(data_dir),
+        "dataset": meta.get("dataset"),
+        "recipe_id": meta.get("recipe_id"),
+        "vocab_size": meta["vocab"]["size"],
+        "vocab_sha256": meta["vocab"]["sha256"],
+    }
+    return fingerprint
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+class Trainer:
+    def __init__(
+        self,
+        run_dir: Path,
+        model_config: LMConfig,
+        train_config: TrainConfig,
+        data_dir: Path,
+        preset: str | None = None,
+    ):
+        self.run_dir, self.data_dir = Path(run_dir), Path(data_dir)
+        self.model_config, self.config, self.preset = model_config, train_config, preset
+        self.meta = read_meta(self.data_dir)
+        if model_config.vocab_size != self.meta["vocab"]["size"]:
+            raise ValueError(
+                f"model vocab_size {model_config.vocab_size} != dataset vocabulary "
+                f"{self.meta['vocab']['size']} ({self.data_dir})"
+            )
+        if train_config.threads:
+            torch.set_num_threads(train_config.threads)
+        self.device = resolve_device(train_config.device)
+        self.autocast_dtype = autocast_dtype_for(self.device, train_config.bf16)
+        torch.manual_seed(train_config.seed)
+        self.model = LanguageModel(model_config).to(self.device)
+        self.optimizer = torch.optim.Adam(
+            [p for p in self.model.parameters() if p.requires_grad],
+            lr=train_config.lr,
+            betas=(train_config.adam_beta1, train_config.adam_beta2),
+        )
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: learning_rate_factor(step + 1, train_config.warmup_steps)
+        )
+        self.train_batches = LaneBatches(
+            read_split(self.data_dir, "train", self.meta),
+            train_config.batch_size,
+            train_config.bptt,
+            EOS_ID,
+            keep_remainder=False,
+        )
+        self.valid_batches = None
+        if "valid" in self.meta["splits"]:
+            self.valid_batches = LaneBatches(
+                read_split(self.data_dir, "valid", self.meta),
+                min(train_config.batch_size, 16),
+                50,
+                EOS_ID,
+                keep_remainder=True,
+            )
+        self.step = 0
+        self.tokens = 0
+        self.elapsed = 0.0
+        self.state = None
+
+    # ------------------------------------------------------------------ files
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / "checkpoint.pt"
+
+    def run_config(self) -> dict:
+        return {
+            "preset": self.preset,
+            "model": config_to_dict(self.model_config),
+            "train": config_to_dict(self.config),
+            "data": data_fingerprint(self.data_dir, self.meta),
+            "ops_per_timestep": self.model.ops_per_timestep(),
+            "params_excl_embedding_softmax": self.model.params_excluding_embedding_softmax(),
+            "total_params": self.model.total_params(),
+        }
+
+    def write_config(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.run_dir / "config.json.tmp"
+        tmp.write_text(json.dumps(self.run_config(), indent=2) + "\n")
+        tmp.replace(self.run_dir / "config.json")
+
+    def save(self) -> None:
+        save_checkpoint(
+            self.checkpoint_path,
+            {
+                "model_config": config_to_dict(self.model_config),
+                "vocab_sha256": self.meta["vocab"]["sha256"],
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "schedule": self.schedule.state_dict(),
+                "rng": rng_state(),
+                "lstm_state": [list(s) for s in self.state] if self.state else None,
+                "step": self.step,
+                "tokens": self.tokens,
+                "elapsed": self.elapsed,
+            },
+        )
+
+    def restore(self) -> None:
+        ckpt = load_checkpoint(self.checkpoint_path, map_location=self.device)
+        saved = config_from_dict(LMConfig, ckpt["model_config"])
+        if saved != self.model_config:
+            raise ValueError(
+                f"{self.checkpoint_path} was trained with a different model config; "
+                "resume with the run's own config.json"
+            )
+        if ckpt["vocab_sha256"] != self.meta["vocab"]["sha256"]:
+            raise ValueError(
+                f"the vocabulary of {self.data_dir} (sha256 {self.meta['vocab']['sha256'][:12]}) "
+                f"is not the one {self.checkpoint_path} was trained with "
+                f"({ckpt['vocab_sha256'][:12]})"
+            )
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.schedule.load_state_dict(ckpt["schedule"])
+        set_rng_state(ckpt["rng"])
+        self.state = [tuple(s) for s in ckpt["lstm_state"]] if ckpt["lstm_state"] else None
+        self.step, self.tokens, self.elapsed = ckpt["step"], ckpt["tokens"], ckpt["elapsed"]
+        self._truncate_metrics(self.step)
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metrics logged after the checkpoint, so a resumed log has no duplicates."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+            if entry.get("step", 0) <= step:
+                kept.append(line)
+        tmp = path.with_name("metrics.jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+
+    def log(self, entry: dict) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    # ------------------------------------------------------------------ training
+
+    def budget_reached(self) -> bool:
+        c = self.config
+        return (
+            (c.max_steps is not None and self.step >= c.max_steps)
+            or (c.max_tokens is not None and self.tokens >= c.max_tokens)
+            or (c.max_seconds is not None and self.elapsed >= c.max_seconds)
+        )
+
+    def total_steps(self) -> int | None:
+        c, totals = self.config, []
+        if c.max_steps is not None:
+            totals.append(c.max_steps)
+        if c.max_tokens is not None:
+            totals.append(math.ceil(c.max_tokens / c.tokens_per_step))
+        return min(totals) if totals else None
+
+    def train_step(self) -> dict:
+        window = self.train_batches.window(self.step % len(self.train_batches))
+        if window.first:
+            self.state = None
+        inputs, targets = window.inputs.to(self.device), window.targets.to(self.device)
+        self.model.train()
+        with torch.autocast(
+            self.device.type, self.autocast_dtype, enabled=self.autocast_dtype is not None
+        ):
+            out = self.model(inputs, self.state)
+        nll = self.model.nll(out.hidden, targets, sampled=True).mean()
+        loss = nll + out.aux_loss
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in self.model.parameters() if p.requires_grad], self.config.grad_clip
+        )
+        self.optimizer.step()
+        self.schedule.step()
+        self.state = detach_state(out.state)
+        self.step += 1
+        self.tokens += targets.numel()
+        stats = {
+            "loss": float(nll.detach()),
+            "aux_loss": float(out.aux_loss.detach()),
+            "grad_norm": float(grad_norm),
+        }
+        for layer, result in enumerate(out.moe):
+            prefix = f"moe{layer}_" if len(out.moe) > 1 else ""
+            stats.update({prefix + name: float(v.detach()) for name, v in result.losses.items()})
+            stats[prefix + "cv_load"] = float(result.stats.cv_load)
+            stats[prefix + "cv_importance"] = float(result.stats.cv_importance)
+            stats[prefix + "max_over_mean_load"] = float(result.stats.max_over_mean_load)
+            stats[prefix + "fraction_dropped"] = float(result.stats.fraction_dropped)
+        return stats
+
+    def validate(self) -> dict | None:
+        from eval.perplexity import evaluate
+
+        if self.valid_batches is None:
+            return None
+        tokens_per_window = self.valid_batches.batch_size * self.valid_batches.bptt
+        max_windows = None
+        if self.config.eval_tokens:
+            max_windows = max(1, math.ceil(self.config.eval_tokens / tokens_per_window))
+        rng = torch.get_rng_state()  # validation must not change the training's random stream
+        result = evaluate(
+            self.model, self.valid_batches, self.device, max_windows, self.autocast_dtype
+        )
+        torch.set_rng_state(rng)
+        entry = {
+            "kind": "valid",
+            "step": self.step,
+            "tokens": self.tokens,
+            "elapsed": round(self.elapsed, 3),
+            "valid_nll": result["nll_per_token"],
+            "valid_ppl": result["perplexity"],
+            "valid_tokens": result["tokens"],
+        }
+        for layer, summary in enumerate(result["moe_layers"]):
+            entry[f"moe{layer}_valid_cv_load"] = summary["cv_load"]
+            entry[f"moe{layer}_valid_max_over_mean_load"] = summary["max_over_mean_load"]
+        self.log(entry)
+        return entry
+
+    def fit(self, progress: bool = True) -> dict:
+        """Train until the budget is reached; returns the last validation entry."""
+        if self.budget_reached():
+            return {}
+        self.write_config()
+        last_valid: dict = {}
+        window_stats: list[dict] = []
+        window_start, window_tokens = time.perf_counter(), 0
+        bar = tqdm(
+            total=self.total_steps(),
+            initial=self.step,
+            desc=self.run_dir.name,
+            unit="step",
+            disable=not progress,
+            dynamic_ncols=True,
+        )
+        try:
+            while not self.budget_reached():
+                step_start = time.perf_counter()
+                stats = self.train_step()
+                self.elapsed += time.perf_counter() - step_start
+                window_stats.append(stats)
+                window_tokens += self.config.tokens_per_step
+                if self.step % self.config.log_every == 0 or self.budget_reached():
+                    seconds = time.perf_counter() - window_start
+                    entry = {"kind": "train", "step": self.step, "tokens": self.tokens}
+                    for key in window_stats[0]:
+                        entry[key] = sum(s[key] for s in window_stats) / len(window_stats)
+                    entry["ppl"] = math.exp(min(entry["loss"], 50.0))
+                    entry["lr"] = self.schedule.get_last_lr()[0]
+                    entry["tokens_per_s"] = window_tokens / max(seconds, 1e-9)
+                    entry["elapsed"] = round(self.elapsed, 3)
+                    self.log(entry)
+                    bar.set_postfix(
+                        loss=f"{entry['loss']:.3f}", tok_s=f"{entry['tokens_per_s']:.0f}"
+                    )
+                    window_stats, window_start, window_tokens = [], time.perf_counter(), 0
+                if self.step % self.config.eval_every == 0:
+                    last_valid = self.validate() or last_valid
+                if self.step % self.config.checkpoint_every == 0:
+                    self.save()
+                bar.update(1)
+        finally:
+            bar.close()
+        if self.step % self.config.eval_every:
+            last_valid = self.validate() or last_valid
+        self.save()
+        return last_valid
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+@dataclass
+class LoadedRun:
+    model: LanguageModel
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    data_dir: Path
+    meta: dict
+    run_config: dict
+    step: int
+    tokens_trained: int
+
+    def split(self, name: str):
+        return read_split(self.data_dir, name, self.meta)
+
+
+def load_run_for_eval(run_dir: Path, device: str = "auto") -> LoadedRun:
+    """The trained model of a run folder and its dataset, checked against each other."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found: is {run_dir} a training run?")
+    run_config = json.loads(config_path.read_text())
+    model_config = config_from_dict(LMConfig, run_config["model"])
+    train_config = config_from_dict(TrainConfig, run_config["train"])
+    data_dir = Path(run_config["data"]["path"])
+    meta = read_meta(data_dir)
+    ckpt = load_checkpoint(run_dir / "checkpoint.pt")
+    if ckpt["vocab_sha256"] != meta["vocab"]["sha256"]:
+        raise ValueError(f"{data_dir}'s vocabulary is not the one {run_dir} was trained with")
+    torch_device = resolve_device(device)
+    model = LanguageModel(model_config)
+    model.load_state_dict(ckpt["model"])
+    model.to(torch_device).eval()
+    return LoadedRun(
+        model,
+        torch_device,
+        autocast_dtype_for(torch_device, train_config.bf16),
+        data_dir,
+        meta,
+        run_config,
+        ckpt["step"],
+        ckpt["tokens"],
+    )
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def build_trainer(args: argparse.Namespace, overrides: dict[str, str]) -> Trainer:
+    run_dir: Path = args.run
+    model_fields = set(LMConfig.__dataclass_fields__)
+    model_overrides = {k: v for k, v in overrides.items() if k.replace("-", "_") in model_fields}
+    train_overrides = {k: v for k, v in overrides.items() if k not in model_overrides}
+    if args.resume:
+        config_path = run_dir / "config.json"
+        if not (run_dir / "checkpoint.pt").is_file() or not config_path.is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint in {run_dir}")
+        saved = json.loads(config_path.read_text())
+        if model_overrides:
+            raise ValueError(
+                f"--resume keeps the run's model; drop {sorted(model_overrides)} or start a new run"
+            )
+        model_config = config_from_dict(LMConfig, saved["model"])
+        train_config = apply_overrides(
+            config_from_dict(TrainConfig, saved["train"]), train_overrides
+        )
+        data_dir = args.data or Path(saved["data"]["path"])
+        trainer = Trainer(run_dir, model_config, train_config, data_dir, saved.get("preset"))
+        trainer.restore()
+        return trainer
+    if (run_dir / "checkpoint.pt").exists():
+        raise FileExistsError(
+            f"{run_dir} already holds a checkpoint: pass --resume to continue it, or choose "
+            "another --run"
+        )
+    if args.data is None:
+        raise ValueError("--data DIR (a folder prepared by data_prep) is required")
+    meta = read_meta(args.data)
+    model_config = get_preset(args.preset) if args.preset else LMConfig()
+    model_config = apply_overrides(
+        model_config, {"vocab_size": str(meta["vocab"]["size"]), **model_overrides}
+    )
+    train_config = apply_overrides(TrainConfig(), train_overrides)
+    if (
+        train_config.max_steps is None
+        and train_config.max_tokens is None
+        and train_config.max_seconds is None
+    ):
+        raise ValueError("set a budget: --max_steps=N, --max_tokens=N or --max_seconds=S")
+    return Trainer(run_dir, model_config, train_config, args.data, args.preset)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    rest, overrides = split_overrides(argv)
+    parser = argparse.ArgumentParser(
+        prog="python -m lstm_moe.train",
+        description=__doc__.split("\n\n")[0],
+        epilog="Model fields: "
+        + ", ".join(LMConfig.__dataclass_fields__)
+        + ". Training fields: "
+        + ", ".join(TrainConfig.__dataclass_fields__)
+        + ". Set any of them with --field=value.",
+    )
+    parser.add_argument("--data", type=Path, help="dataset folder (data_prep output)")
+    parser.add_argument("--run", type=Path, required=True, help="run folder, e.g. runs/moe32")
+    parser.add_argument("--preset", help="a Table 7 preset (python -m lstm_moe.presets)")
+    parser.add_argument("--resume", action="store_true", help="continue the run's checkpoint")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(rest)
+    try:
+        trainer = build_trainer(args, overrides)
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    model = trainer.model
+    print(
+        f"{args.run}: {model.ops_per_timestep() / 1e6:.2f}M ops/timestep, "
+        f"{model.params_excluding_embedding_softmax() / 1e6:.2f}M params excl. embedding and "
+        f"softmax, {model.total_params() / 1e6:.1f}M total, on {trainer.device}"
+        + (f", resuming at step {trainer.step}" if args.resume else ""),
+        file=sys.stderr,
+    )
+    last = trainer.fit(progress=not args.quiet)
+    if last:
+        print(
+            f"valid perplexity {last['valid_ppl']:.2f} after {trainer.tokens} tokens",
+            file=sys.stderr,
+        )
+    print(f"wrote {args.run}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

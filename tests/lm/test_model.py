@@ -1,0 +1,119 @@
+"""The language model's pieces: lanes cover the stream exactly once, the sampled softmax
+estimates the exact one, and the MoE applied to [T, B, D] at once equals step by step."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lstm_moe.config import LMConfig, apply_overrides
+from lstm_moe.data import LaneBatches
+from lstm_moe.lm import LanguageModel
+from lstm_moe.softmax import Softmax, log_uniform_log_prob, sample_log_uniform
+
+
+@pytest.mark.parametrize("n_tokens,batch,bptt", [(23, 4, 3), (24, 4, 6), (5, 5, 2), (7, 2, 10)])
+def test_eval_lanes_predict_every_token_once(n_tokens, batch, bptt):
+    ids = np.arange(10, 10 + n_tokens, dtype=np.uint16)
+    batches = LaneBatches(ids, batch, bptt, eos_id=1, keep_remainder=True)
+    pairs = []
+    for window in batches:
+        m = window.mask
+        pairs += list(zip(window.inputs[m].tolist(), window.targets[m].tolist(), strict=True))
+    stream = [1, *ids.tolist()]  # </S> starts the stream
+    assert sorted(pairs) == sorted(itertools.pairwise(stream))
+
+
+def test_train_lanes_drop_only_the_remainder_and_continue_across_windows():
+    ids = np.arange(100, 123, dtype=np.uint16)  # 23 tokens, 4 lanes of 5
+    batches = LaneBatches(ids, 4, 2, eos_id=1, keep_remainder=False)
+    assert batches.n_targets == 20 and len(batches) == 3
+    lane0 = torch.cat([w.targets[:, 0] for w in batches]).tolist()
+    assert lane0 == [100, 101, 102, 103, 104]
+    lane1_inputs = torch.cat([w.inputs[:, 1] for w in batches]).tolist()
+    assert lane1_inputs == [104, 105, 106, 107, 108]  # lane 1 starts where lane 0 ends
+
+
+def test_log_uniform_sampler_matches_its_probabilities():
+    vocab = 50
+    q = log_uniform_log_prob(torch.arange(vocab), vocab).exp()
+    assert math.isclose(float(q.sum()), 1.0, rel_tol=1e-6)
+    g = torch.Generator().manual_seed(0)
+    n = 200_000
+    freq = torch.bincount(sample_log_uniform(n, vocab, g), minlength=vocab).float() / n
+    # Binomial standard error is at most sqrt(0.25 / n) ≈ 0.0011; allow 5 of them.
+    assert torch.allclose(freq, q, atol=5 * math.sqrt(0.25 / n))
+
+
+def test_sampled_softmax_converges_to_the_exact_loss():
+    """With many samples the importance-sampled partition function approaches the exact one
+    (accidental hits removed, the target counted once)."""
+    torch.manual_seed(0)
+    softmax = Softmax(8, 50, n_samples=40_000)
+    hidden, targets = torch.randn(6, 8), torch.randint(0, 50, (6,))
+    exact = softmax.nll(hidden, targets)
+    g = torch.Generator().manual_seed(1)
+    estimate = softmax.sampled_nll(hidden, targets, g)
+    torch.testing.assert_close(estimate, exact, atol=0.03, rtol=0)
+    small = Softmax(8, 50, n_samples=16)  # a small sample gives a different (noisy) value
+    small.load_state_dict(softmax.state_dict())
+    assert not torch.allclose(small.sampled_nll(hidden, targets, g), exact, atol=1e-3)
+
+
+def test_exact_softmax_in_chunks_equals_one_shot(monkeypatch):
+    import lstm_moe.softmax as softmax_module
+
+    torch.manual_seed(0)
+    softmax = Softmax(8, 30)
+    hidden, targets = torch.randn(11, 8), torch.randint(0, 30, (11,))
+    want = torch.nn.functional.cross_entropy(softmax.logits(hidden), targets, reduction="none")
+    monkeypatch.setattr(softmax_module, "_LOGITS_PER_CHUNK", 90)  # 3 rows at a time
+    torch.testing.assert_close(softmax.nll(hidden, targets), want)
+
+
+def small_config(**changes) -> LMConfig:
+    base = LMConfig(
+        vocab_size=30, d_model=8, lstm_hidden=8, n_experts=4, k=2, expert_hidden=8, softmax="full"
+    )
+    return apply_overrides(base, changes)
+
+
+def test_moe_runs_on_all_time_steps_at_once():
+    """In eval mode the LM's MoE over [T, B, D] equals calling it one time step at a time."""
+    torch.manual_seed(0)
+    model = LanguageModel(small_config(dropout=0.0)).eval()
+    with torch.no_grad():
+        for p in model.blocks[1].moe.router.parameters():
+            p.normal_()
+    x = torch.randn(5, 3, 8)
+    block = model.blocks[1]
+    at_once = block(x)[0]
+    step_by_step = torch.stack([block(x[t])[0] for t in range(5)])
+    torch.testing.assert_close(at_once, step_by_step)
+
+
+def test_residual_dropout_and_sigmoid_structure():
+    """With dropout off, each block's contribution is added to its input: h + f(h), and the
+    MoE's f is a sigmoid (values in (0, 1))."""
+    torch.manual_seed(0)
+    model = LanguageModel(small_config(dropout=0.0)).eval()
+    inputs = torch.randint(0, 30, (4, 2))
+    h = model.embedding(inputs)
+    lstm_out, _ = model.blocks[0](h, None)
+    h1 = h + lstm_out
+    moe_out, _ = model.blocks[1](h1)
+    assert moe_out.min() > 0 and moe_out.max() < 1
+    h2 = h1 + moe_out
+    h3 = h2 + model.blocks[2](h2, None)[0]
+    torch.testing.assert_close(model(inputs).hidden, h3)
+
+
+def test_lstmp_projects_to_d_model():
+    model = LanguageModel(small_config(layers=("lstm",), lstm_hidden=32))
+    out = model(torch.randint(0, 30, (3, 2)))
+    assert out.hidden.shape == (3, 2, 8)
+    lstm = model.blocks[0]
+    assert lstm.ops_per_timestep() == 4 * 32 * (8 + 8) + 32 * 8
+    assert not lstm.lstm.bias_hh_l0.requires_grad and lstm.lstm.bias_hh_l0.abs().sum() == 0
