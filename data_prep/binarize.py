@@ -129,6 +129,24 @@ def read_meta(folder: Path) -> dict:
     return meta
 
 
+def is_prepared(folder: Path, rid: str) -> bool:
+    """Whether `folder` holds a finished dataset of recipe id `rid` whose files have the sizes
+    meta.json records: a cheap check (no checksums) that lets a command skip its work."""
+    folder = Path(folder)
+    try:
+        meta = read_meta(folder)
+        if meta["recipe_id"] != rid or not (folder / meta["vocab"]["file"]).is_file():
+            return False
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        for entry in meta["splits"].values():
+            path = folder / entry["file"]
+            if not path.is_file() or path.stat().st_size != entry["tokens"] * itemsize:
+                return False
+    except (OSError, ValueError, KeyError, TypeError):  # missing, unreadable or malformed
+        return False
+    return True
+
+
 def read_split(folder: Path, split: str, meta: dict | None = None) -> np.ndarray:
     """The split's token ids as a read-only memmap (no copy, whatever the size)."""
     meta = read_meta(folder) if meta is None else meta

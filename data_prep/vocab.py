@@ -18,6 +18,7 @@ from pathlib import Path
 
 BOS, EOS, UNK = "<S>", "</S>", "<UNK>"
 SPECIALS = (BOS, EOS, UNK)
+BOS_ID, EOS_ID, UNK_ID = 0, 1, 2
 
 
 def count_words(sentences: Iterable[list[str]], counts: Counter | None = None) -> Counter:

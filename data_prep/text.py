@@ -1,0 +1,219 @@
+"""Any plain-text corpus laid out as train/valid/test files, binarized in the common format.
+
+One line is one sentence, tokenized on whitespace (`str.split()`: the corpus is expected to be
+tokenized already, as WikiText is). The vocabulary comes from the training file alone (words
+seen at least `min_count` times, at most `max_vocab` entries with the specials); words of valid
+and test outside it become `<UNK>`. A corpus's own unknown-word token (WikiText's `<unk>`) is
+just a word. Literal `<S>` or `</S>` in the text also become `<UNK>`, so they cannot fake a
+sentence boundary in the stream.
+
+Empty lines. By default an empty (or whitespace-only) line is kept as a sentence with no words,
+i.e. a lone `</S>` in the stream: the convention of PyTorch's `word_language_model` behind the
+published WikiText perplexities (every line ends with an end-of-sentence token; WikiText-2 has
+2,088,628 / 217,646 / 245,569 tokens that way). `--no-keep-empty-lines` drops them, for corpora
+where a blank line is only layout.
+
+Bytes that are not valid UTF-8 are replaced by U+FFFD; meta.json counts the affected lines.
+The recipe holds the sha256 of the three input files, so a changed input gets a new folder and
+an unchanged one is recognised wherever it lies.
+
+Command: `python -m data_prep.text --train T --valid V --test T --out data [--name wikitext-2]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+from data_prep.binarize import (
+    SPLITS,
+    SplitWriter,
+    file_sha256,
+    is_prepared,
+    recipe_id,
+    token_dtype,
+    write_meta,
+)
+from data_prep.vocab import BOS, EOS, Vocabulary
+
+TOKENIZER = "whitespace/1"  # bump if the line reading or tokenization changes
+
+
+def read_lines(path: Path, stats: Counter) -> Iterator[str]:
+    """The lines of a file, decoded as UTF-8 (invalid bytes replaced and counted in
+    stats["invalid_utf8_lines"]); streamed, one line in memory at a time."""
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                line = raw.decode("utf-8", errors="replace")
+                stats["invalid_utf8_lines"] += 1
+            yield line
+
+
+def read_sentences(path: Path, keep_empty_lines: bool, stats: Counter) -> Iterator[list[str]]:
+    """The whitespace tokens of each line, counting lines and empty lines in `stats`."""
+    for line in read_lines(path, stats):
+        words = line.split()
+        stats["lines"] += 1
+        if not words:
+            stats["empty_lines"] += 1
+            if not keep_empty_lines:
+                continue
+        yield words
+
+
+def default_name(train: Path) -> str:
+    """The training file's folder name (`wikitext-2` for wikitext-2/train.txt), made safe for a
+    folder name."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(train).resolve().parent.name).strip("-.")
+    return name or "text"
+
+
+def prepare_text(
+    train: Path,
+    valid: Path,
+    test: Path,
+    out_dir: Path,
+    *,
+    name: str | None = None,
+    min_count: int = 1,
+    max_vocab: int | None = None,
+    keep_empty_lines: bool = True,
+) -> Path:
+    """Binarize the three files into `out_dir/<name>-<recipe_id>/` (nothing to do if it exists)."""
+    sources = {"train": Path(train), "valid": Path(valid), "test": Path(test)}
+    for split, path in sources.items():
+        if not path.is_file():
+            raise FileNotFoundError(f"{split} file {path} not found")
+    name = default_name(sources["train"]) if name is None else name
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise ValueError(f"name must be letters, digits, '.', '_' or '-', got {name!r}")
+    if min_count < 1:
+        raise ValueError(f"min_count must be >= 1, got {min_count}")
+    recipe = {
+        "tokenizer": TOKENIZER,
+        "name": name,
+        "min_count": min_count,
+        "max_vocab": max_vocab,
+        "keep_empty_lines": keep_empty_lines,
+        "sources_sha256": {split: file_sha256(path) for split, path in sources.items()},
+    }
+    rid = recipe_id(recipe)
+    folder = Path(out_dir) / f"{name}-{rid}"
+    if is_prepared(folder, rid):
+        print(f"up to date: {folder}")
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+
+    counts: Counter = Counter()
+    for words in read_sentences(sources["train"], keep_empty_lines, Counter()):
+        counts.update(words)
+    vocab = Vocabulary.from_counts(counts, min_count=min_count, max_size=max_vocab)
+    del counts
+    dtype = token_dtype(len(vocab))
+    unk = vocab.unk_id
+    index = {**vocab.index, BOS: unk, EOS: unk}  # markers in the text are not markers
+
+    splits, stats = {}, {}
+    for split in SPLITS:
+        split_stats: Counter = Counter()
+        writer = SplitWriter(folder / f"{split}.bin", dtype, vocab.eos_id)
+        try:
+            for words in read_sentences(sources[split], keep_empty_lines, split_stats):
+                ids = [index.get(word, unk) for word in words]
+                split_stats["unk_tokens"] += ids.count(unk)
+                writer.add(ids)
+        except BaseException:
+            writer.abort()
+            raise
+        splits[split] = writer.close()
+        stats[split] = {
+            key: split_stats[key]
+            for key in ("lines", "empty_lines", "invalid_utf8_lines", "unk_tokens")
+        }
+        if split_stats["invalid_utf8_lines"]:
+            print(
+                f"warning: {sources[split]}: {split_stats['invalid_utf8_lines']} lines with"
+                " invalid UTF-8 (bytes replaced by U+FFFD)",
+                file=sys.stderr,
+            )
+    vocab_sha = vocab.save(folder / "vocab.txt")
+    write_meta(
+        folder,
+        {
+            "dataset": name,
+            "recipe": recipe,
+            "recipe_id": rid,
+            "sources": {split: str(path.resolve()) for split, path in sources.items()},
+            "vocab": {"file": "vocab.txt", "size": len(vocab), "sha256": vocab_sha},
+            "dtype": dtype.name,
+            "splits": splits,
+            "text_stats": stats,
+        },
+    )
+    print(
+        f"{name}: vocabulary {len(vocab):,}, "
+        + ", ".join(
+            f"{s} {e['tokens']:,} tokens ({stats[s]['unk_tokens']:,} <UNK>)"
+            for s, e in splits.items()
+        )
+    )
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep.text",
+        description="Binarize a plain-text corpus (one sentence per line, whitespace-tokenized)"
+        " given as train/valid/test files into OUT/<name>-<recipe_id>/.",
+    )
+    parser.add_argument("--train", type=Path, required=True, help="training text")
+    parser.add_argument("--valid", type=Path, required=True, help="validation text")
+    parser.add_argument("--test", type=Path, required=True, help="test text")
+    parser.add_argument("--out", type=Path, required=True, help="parent folder of the dataset")
+    parser.add_argument(
+        "--name", default=None, help="dataset name (default: the training file's folder name)"
+    )
+    parser.add_argument(
+        "--min-count", type=int, default=1, help="keep training words seen this often (default 1)"
+    )
+    parser.add_argument(
+        "--max-vocab",
+        type=int,
+        default=None,
+        help="at most this many vocabulary entries, the three specials included (default: all)",
+    )
+    parser.add_argument(
+        "--keep-empty-lines",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="an empty line is a sentence of its own, a lone </S> (default: keep, the WikiText"
+        " convention)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        folder = prepare_text(
+            args.train,
+            args.valid,
+            args.test,
+            args.out,
+            name=args.name,
+            min_count=args.min_count,
+            max_vocab=args.max_vocab,
+            keep_empty_lines=args.keep_empty_lines,
+        )
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(folder)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_prep import text
+from data_prep.binarize import SPLITS, file_sha256, read_meta, read_split
+from data_prep.text import prepare_text
+from data_prep.vocab import Vocabulary
+
+WIKITEXT2 = Path(__file__).resolve().parents[3] / "shared" / "data" / "wikitext-2"
+
+
+def _corpus(folder: Path, train: bytes, valid: bytes, test: bytes) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split, data in zip(SPLITS, (train, valid, test), strict=True):
+        paths[split] = folder / f"{split}.txt"
+        paths[split].write_bytes(data)
+    return paths
+
+
+def _decode(folder: Path, split: str) -> str:
+    return " ".join(
+        Vocabulary.load(folder / "vocab.txt").decode(read_split(folder, split).tolist())
+    )
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return _corpus(
+        tmp_path / "toy",
+        train=b" the cat sat \n\n the dog sat \n   \n <unk> the end\n",
+        valid=b"the bird sat\n\nthe </S> <S> cat",  # no final newline
+        test=b"the cat \xff sat\n",  # one invalid byte
+    )
+
+
+def test_encoding_and_vocabulary(corpus, tmp_path):
+    folder = prepare_text(*corpus.values(), tmp_path / "out")
+    assert folder.name.startswith("toy-")
+    vocab = Vocabulary.load(folder / "vocab.txt")
+    # Specials, then training words by decreasing count, ties by the word.
+    assert vocab.words == ["<S>", "</S>", "<UNK>", "the", "sat", "<unk>", "cat", "dog", "end"]
+    assert vocab.counts == [0, 0, 0, 3, 2, 1, 1, 1, 1]
+    # Empty and blank lines are kept as a lone </S>.
+    assert _decode(folder, "train") == (
+        "the cat sat </S> </S> the dog sat </S> </S> <unk> the end </S>"
+    )
+    # Unknown words and literal markers become <UNK>; a missing final newline ends a line too.
+    assert _decode(folder, "valid") == "the <UNK> sat </S> </S> the <UNK> <UNK> cat </S>"
+    # The invalid byte becomes U+FFFD, a word of its own here, unknown to the vocabulary.
+    assert _decode(folder, "test") == "the cat <UNK> sat </S>"
+    meta = read_meta(folder)
+    assert meta["dataset"] == "toy"
+    assert meta["text_stats"]["train"] == {
+        "lines": 5,
+        "empty_lines": 2,
+        "invalid_utf8_lines": 0,
+        "unk_tokens": 0,
+    }
+    assert meta["text_stats"]["valid"]["unk_tokens"] == 3
+    assert meta["text_stats"]["test"]["invalid_utf8_lines"] == 1
+    for split in SPLITS:
+        entry = meta["splits"][split]
+        assert file_sha256(folder / entry["file"]) == entry["sha256"]
+        ids = read_split(folder, split)
+        assert entry["tokens"] == len(ids) and entry["sentences"] == int((ids == 1).sum())
+    assert meta["recipe"]["sources_sha256"]["train"] == file_sha256(corpus["train"])
+    assert file_sha256(folder / "vocab.txt") == meta["vocab"]["sha256"]
+
+
+def test_empty_lines_dropped_and_vocabulary_cut(corpus, tmp_path):
+    folder = prepare_text(
+        *corpus.values(), tmp_path / "out", keep_empty_lines=False, min_count=2, name="toy2"
+    )
+    assert folder.name.startswith("toy2-")
+    assert Vocabulary.load(folder / "vocab.txt").words[3:] == ["the", "sat"]
+    assert _decode(folder, "train") == (
+        "the <UNK> sat </S> the <UNK> sat </S> <UNK> the <UNK> </S>"
+    )
+    assert read_meta(folder)["text_stats"]["train"]["empty_lines"] == 2
+    capped = prepare_text(*corpus.values(), tmp_path / "out", max_vocab=4)
+    assert Vocabulary.load(capped / "vocab.txt").words[3:] == ["the"]
+
+
+def test_idempotent_and_content_addressed(corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    folder = prepare_text(*corpus.values(), out)
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    capsys.readouterr()
+    assert prepare_text(*corpus.values(), out) == folder
+    assert "up to date" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+    # Same bytes elsewhere: the same recipe.
+    moved = _corpus(tmp_path / "elsewhere", *(p.read_bytes() for p in corpus.values()))
+    assert prepare_text(*moved.values(), out, name="toy") == folder
+    # Changed input: a new folder.
+    corpus["test"].write_bytes(b"the dog\n")
+    assert prepare_text(*corpus.values(), out) != folder
+
+
+def test_cli(corpus, tmp_path, capsys):
+    args = ["--train", str(corpus["train"]), "--valid", str(corpus["valid"])]
+    args += ["--test", str(corpus["test"]), "--out", str(tmp_path / "out")]
+    assert text.main([*args, "--name", "x", "--no-keep-empty-lines"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert Path(last).parent == tmp_path / "out" and Path(last).name.startswith("x-")
+    assert read_meta(Path(last))["recipe"]["keep_empty_lines"] is False
+    assert text.main([*args, "--name", "bad name"]) == 1
+    corpus["valid"].unlink()
+    assert text.main(args) == 1
+
+
+@pytest.mark.skipif(not WIKITEXT2.is_dir(), reason="shared/data/wikitext-2 not present")
+def test_wikitext2_counts(tmp_path):
+    files = [WIKITEXT2 / f"{split}.txt" for split in SPLITS]
+    folder = prepare_text(*files, tmp_path)
+    meta = read_meta(folder)
+    # The well-known token counts: words plus one end-of-sentence per line, empty lines too.
+    assert [meta["splits"][s]["tokens"] for s in SPLITS] == [2_088_628, 217_646, 245_569]
+    assert [meta["splits"][s]["sentences"] for s in SPLITS] == [36_718, 3_760, 4_358]
+    # 33,277 word types, all in train (WikiText's own <unk> among them), plus our three
+    # specials: 33,280. PyTorch's word_language_model counts 33,278 = 33,277 + its <eos>,
+    # our </S>; <S> and <UNK> are in our vocabulary but never occur in WikiText-2.
+    assert meta["vocab"]["size"] == 33_280
+    assert all(meta["text_stats"][s]["unk_tokens"] == 0 for s in SPLITS)
+    ids = np.concatenate([read_split(folder, s) for s in SPLITS])
+    assert not np.isin(ids, [0, 2]).any()
