@@ -1,11 +1,13 @@
 # User entry points. Every target that runs Python depends on .venv, so each works from a
 # fresh clone with no other step.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint format bench clean-venv
+.PHONY: setup test lint format bench demo lm1b clean-venv
 
 setup: $(STAMP)
 
@@ -30,6 +32,42 @@ test: lint
 BENCH_OUT ?= bench
 bench: $(STAMP)
 	$(PY) -m eval.bench_moe --json $(BENCH_OUT)/bench_moe.json --markdown $(BENCH_OUT)/bench_moe.md
+
+# --- the demo: generated corpus -> dense and MoE models at equal ops/timestep -> report --------
+# 4xLSTM-512 and MoE-32 scaled from width 512 to 128: four 128-cell LSTMs against two LSTMs
+# around 32 experts of hidden width 256 (k = 4), so both spend ~0.53M ops per token.
+DEMO_DIR ?= runs/demo
+DEMO_TOKENS ?= 2000000
+DEMO_TRAIN = --d_model=128 --lstm_hidden=128 --softmax=full --dropout=0.0 --batch_size=32 \
+	--bptt=20 --lr=0.003 --warmup_steps=100 --max_tokens=$(DEMO_TOKENS) --eval_every=250 \
+	--eval_tokens=20000 --checkpoint_every=500 --log_every=50
+demo: $(STAMP)
+	rm -rf $(DEMO_DIR)
+	data=$$($(PY) -m data_prep.synthetic --out data | tail -n 1); \
+	$(PY) -m lstm_moe.train --data $$data --run $(DEMO_DIR)/dense --preset 4xLSTM-512 $(DEMO_TRAIN); \
+	$(PY) -m lstm_moe.train --data $$data --run $(DEMO_DIR)/moe --preset MoE-32 $(DEMO_TRAIN) \
+		--expert_hidden=256
+	$(PY) -m eval.perplexity $(DEMO_DIR)/dense
+	$(PY) -m eval.perplexity $(DEMO_DIR)/moe
+	$(PY) -m eval.report $(DEMO_DIR)/dense $(DEMO_DIR)/moe --out $(DEMO_DIR) \
+		--title "Generated multi-topic corpus: dense 4xLSTM vs MoE-32 at equal ops/timestep"
+
+# --- lm1b: prepare (download or LM1B_DIR) -> train PRESET -> test perplexity -----------------
+# A second `make lm1b` with the same PRESET resumes the run where it stopped.
+PRESET ?= MoE-32
+LM1B_DIR ?=
+MAX_TOKENS ?= 100000000
+LM1B_RUN ?= runs/lm1b-$(PRESET)
+TRAIN_ARGS ?=
+lm1b: $(STAMP)
+	data=$$($(PY) -m data_prep.lm1b --out data $(if $(LM1B_DIR),--source $(LM1B_DIR)) | tail -n 1); \
+	if [ -f $(LM1B_RUN)/checkpoint.pt ]; then \
+		$(PY) -m lstm_moe.train --run $(LM1B_RUN) --resume --max_tokens=$(MAX_TOKENS) $(TRAIN_ARGS); \
+	else \
+		$(PY) -m lstm_moe.train --data $$data --run $(LM1B_RUN) --preset $(PRESET) \
+			--max_tokens=$(MAX_TOKENS) $(TRAIN_ARGS); \
+	fi
+	$(PY) -m eval.perplexity $(LM1B_RUN)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,0 +1,200 @@
+"""Side-by-side report of trained language models: a table, a plot of validation perplexity
+against training tokens, and a machine-readable summary. It reads only run folders (their
+config.json, metrics.jsonl and eval/perplexity.json), never the models.
+
+    python -m eval.report runs/demo/dense runs/demo/moe --out runs/demo --title "..."
+
+writes OUT/report.md, OUT/valid_perplexity.png and OUT/summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def read_run(run: Path) -> dict:
+    """Everything the report needs from one run folder."""
+    config = json.loads((run / "config.json").read_text())
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evaluation_path = run / "eval" / "perplexity.json"
+    if not evaluation_path.is_file():
+        raise FileNotFoundError(
+            f"{evaluation_path} not found: run `python -m eval.perplexity {run}` first"
+        )
+    evaluation = json.loads(evaluation_path.read_text())
+    train = [m for m in metrics if m["kind"] == "train"]
+    valid = [m for m in metrics if m["kind"] == "valid"]
+    last = train[-1] if train else {}
+    model = config["model"]
+    return {
+        "name": run.name,
+        "run": str(run),
+        "preset": config.get("preset"),
+        "layers": "-".join(model["layers"]),
+        "moe": _describe_moe(model),
+        "ops_per_timestep": config["ops_per_timestep"],
+        "params_excl_embedding_softmax": config["params_excl_embedding_softmax"],
+        "total_params": config["total_params"],
+        "tokens_trained": evaluation["tokens_trained"],
+        "wall_seconds": last.get("elapsed"),
+        "tokens_per_s": last["tokens"] / last["elapsed"] if last.get("elapsed") else None,
+        "valid_curve": [(m["tokens"], m["valid_ppl"]) for m in valid],
+        "test_perplexity": evaluation["perplexity"],
+        "test_tokens": evaluation["tokens"],
+        "moe_layers": [
+            {k: v for k, v in layer.items() if k != "tokens_per_expert"}
+            for layer in evaluation["moe_layers"]
+        ],
+        "entropy_floor": evaluation.get("entropy_floor"),
+    }
+
+
+def _describe_moe(model: dict) -> str:
+    if "moe" not in model["layers"]:
+        return "-"
+    text = f"{model['n_experts']} experts × {model['expert_hidden']}, k={model['k']}"
+    if model["router"] == "hierarchical":
+        text = (
+            f"{model['n_groups']} groups × {model['n_experts'] // model['n_groups']} experts × "
+            f"{model['expert_hidden']}, k={model['k_groups']}·{model['k']}"
+        )
+    elif model["router"] != "noisy_topk":
+        text += f" ({model['router']})"
+    return text
+
+
+def _fmt(value, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def markdown(rows: list[dict], title: str, floor: dict | None) -> str:
+    lines = [f"# {title}", ""]
+    lines += [
+        "| model | layers | MoE | ops/timestep | params excl. emb./softmax | total params "
+        "| tokens trained | wall s | tokens/s | test ppl |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {r['layers']} | {r['moe']} | {r['ops_per_timestep'] / 1e6:.3f}M "
+            f"| {r['params_excl_embedding_softmax'] / 1e6:.2f}M | {r['total_params'] / 1e6:.2f}M "
+            f"| {r['tokens_trained']:,} | {_fmt(r['wall_seconds'], '.0f')} "
+            f"| {_fmt(r['tokens_per_s'], ',.0f')} | **{r['test_perplexity']:.2f}** |"
+        )
+    if floor:
+        lines += [
+            "",
+            f"Entropy floor of the corpus (no model that is not told the topic can beat it): "
+            f"perplexity **{floor['perplexity']:.3f}**"
+            + (
+                "; the oracle's perplexity on this test split: "
+                f"{floor['test_oracle_perplexity']:.3f}."
+                if "test_oracle_perplexity" in floor
+                else "."
+            ),
+        ]
+    moe_rows = [(r["name"], i, m) for r in rows for i, m in enumerate(r["moe_layers"])]
+    if moe_rows:
+        lines += [
+            "",
+            "Routing on the test split (Load = routed tokens per expert):",
+            "",
+            "| model | MoE layer | CV(load) | CV(importance) | max/mean load | unused experts |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for name, i, m in moe_rows:
+            lines.append(
+                f"| {name} | {i} | {m['cv_load']:.3f} | {m['cv_importance']:.3f} "
+                f"| {m['max_over_mean_load']:.2f} | {m['unused_experts']} |"
+            )
+    lines += ["", "![validation perplexity against training tokens](valid_perplexity.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], floor: dict | None, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for r in rows:
+        if r["valid_curve"]:
+            tokens, ppl = zip(*r["valid_curve"], strict=True)
+            ax.plot(tokens, ppl, marker="o", markersize=3, label=f"{r['name']} ({r['moe']})")
+    if floor:
+        ax.axhline(floor["perplexity"], color="black", linestyle="--", linewidth=1)
+        ax.annotate(
+            f"entropy floor {floor['perplexity']:.2f}",
+            (0.99, floor["perplexity"]),
+            xycoords=("axes fraction", "data"),
+            ha="right",
+            va="bottom",
+            fontsize=8,
+        )
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("validation perplexity")
+    ax.set_yscale("log")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(runs: list[Path], out: Path, title: str) -> dict:
+    rows = [read_run(Path(run)) for run in runs]
+    floor = next((r["entropy_floor"] for r in rows if r["entropy_floor"]), None)
+    out.mkdir(parents=True, exist_ok=True)
+    plot(rows, floor, out / "valid_perplexity.png", title)
+    (out / "report.md").write_text(markdown(rows, title, floor))
+    summary = {
+        "title": title,
+        "entropy_floor_perplexity": floor["perplexity"] if floor else None,
+        "models": [
+            {
+                "name": r["name"],
+                "test_perplexity": r["test_perplexity"],
+                "tokens_trained": r["tokens_trained"],
+                "ops_per_timestep": r["ops_per_timestep"],
+                "params_excl_embedding_softmax": r["params_excl_embedding_softmax"],
+                "total_params": r["total_params"],
+                "wall_seconds": r["wall_seconds"],
+                "tokens_per_s": r["tokens_per_s"],
+                "moe_layers": r["moe_layers"],
+            }
+            for r in rows
+        ],
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m eval.report", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("runs", nargs="+", type=Path, help="evaluated run folders")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the report")
+    parser.add_argument("--title", default="Language models compared")
+    args = parser.parse_args(argv)
+    try:
+        summary = write_report(args.runs, args.out, args.title)
+    except (FileNotFoundError, KeyError, json.JSONDecodeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    for model in summary["models"]:
+        print(f"{model['name']:>12}: test perplexity {model['test_perplexity']:.2f}")
+    if summary["entropy_floor_perplexity"]:
+        print(f"{'floor':>12}: {summary['entropy_floor_perplexity']:.2f}")
+    written = ("report.md", "valid_perplexity.png", "summary.json")
+    print("wrote " + ", ".join(str(args.out / name) for name in written))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
