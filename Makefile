@@ -34,11 +34,12 @@ bench: $(STAMP)
 	$(PY) -m eval.bench_moe --json $(BENCH_OUT)/bench_moe.json --markdown $(BENCH_OUT)/bench_moe.md
 
 # --- the demo: generated corpus -> dense and MoE models at equal ops/timestep -> report --------
-# 4xLSTM-512 and MoE-32 scaled from width 512 to 128: four 128-cell LSTMs against two LSTMs
-# around 32 experts of hidden width 256 (k = 4), so both spend ~0.53M ops per token.
+# 4xLSTM-512 and MoE-32 scaled from width 512 to 64: four 64-cell LSTMs against two LSTMs
+# around 32 experts of hidden width 128 (k = 4), so both spend ~0.13M ops per token (plus the
+# same softmax), trained on the same 2M tokens.
 DEMO_DIR ?= runs/demo
 DEMO_TOKENS ?= 2000000
-DEMO_TRAIN = --d_model=128 --lstm_hidden=128 --softmax=full --dropout=0.0 --batch_size=32 \
+DEMO_TRAIN = --d_model=64 --lstm_hidden=64 --softmax=full --dropout=0.0 --batch_size=32 \
 	--bptt=20 --lr=0.003 --warmup_steps=100 --max_tokens=$(DEMO_TOKENS) --eval_every=250 \
 	--eval_tokens=20000 --checkpoint_every=500 --log_every=50
 demo: $(STAMP)
@@ -46,7 +47,7 @@ demo: $(STAMP)
 	data=$$($(PY) -m data_prep.synthetic --out data | tail -n 1); \
 	$(PY) -m lstm_moe.train --data $$data --run $(DEMO_DIR)/dense --preset 4xLSTM-512 $(DEMO_TRAIN); \
 	$(PY) -m lstm_moe.train --data $$data --run $(DEMO_DIR)/moe --preset MoE-32 $(DEMO_TRAIN) \
-		--expert_hidden=256
+		--expert_hidden=128
 	$(PY) -m eval.perplexity $(DEMO_DIR)/dense
 	$(PY) -m eval.perplexity $(DEMO_DIR)/moe
 	$(PY) -m eval.report $(DEMO_DIR)/dense $(DEMO_DIR)/moe --out $(DEMO_DIR) \

@@ -21,9 +21,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from data_prep.binarize import read_split
 from data_prep.vocab import EOS_ID
+from lstm_moe.checkpoint import load_trained_model
 from lstm_moe.data import LaneBatches
 from lstm_moe.lm import LanguageModel, detach_state
+from lstm_moe.runtime import resolve_device
 
 
 @torch.no_grad()
@@ -109,37 +112,36 @@ def routing_summary(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lstm_moe.train import load_run_for_eval
-
     parser = argparse.ArgumentParser(
         prog="python -m eval.perplexity",
         description="Test perplexity (per word, </S> included, exact softmax) of a run folder.",
     )
     parser.add_argument("run", type=Path, help="run folder written by lstm_moe.train")
     parser.add_argument("--split", default="test", help="split of the run's dataset (test)")
-    parser.add_argument("--batch-size", type=int, default=16, help="parallel lanes")
+    parser.add_argument("--batch_size", type=int, default=16, help="parallel lanes")
     parser.add_argument("--bptt", type=int, default=50, help="time steps per window")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     args = parser.parse_args(argv)
+    device = resolve_device(args.device)
     try:
-        loaded = load_run_for_eval(args.run, args.device)
-    except (FileNotFoundError, ValueError) as error:
+        model, data_dir, meta, run_config, step, tokens_trained = load_trained_model(
+            args.run, device
+        )
+        ids = read_split(data_dir, args.split, meta)
+        batches = LaneBatches(ids, args.batch_size, args.bptt, EOS_ID, keep_remainder=True)
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    model, device = loaded.model, loaded.device
-    ids, meta, run_config = loaded.split(args.split), loaded.meta, loaded.run_config
-    batches = LaneBatches(ids, args.batch_size, args.bptt, EOS_ID, keep_remainder=True)
     start = time.perf_counter()
-    result = evaluate(
-        model, batches, device, autocast_dtype=loaded.autocast_dtype, progress=sys.stderr.isatty()
-    )
+    # Always float32: the reported perplexity is the exact one, whatever training used.
+    result = evaluate(model, batches, device, progress=sys.stderr.isatty())
     result.update(
         {
             "split": args.split,
             "split_tokens_in_meta": meta["splits"][args.split]["tokens"],
             "dataset": run_config["data"],
-            "step": loaded.step,
-            "tokens_trained": loaded.tokens_trained,
+            "step": step,
+            "tokens_trained": tokens_trained,
             "seconds": time.perf_counter() - start,
         }
     )

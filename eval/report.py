@@ -18,7 +18,12 @@ from pathlib import Path
 def read_run(run: Path) -> dict:
     """Everything the report needs from one run folder."""
     config = json.loads((run / "config.json").read_text())
-    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    metrics = []
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        try:
+            metrics.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a last line cut short by a kill
     evaluation_path = run / "eval" / "perplexity.json"
     if not evaluation_path.is_file():
         raise FileNotFoundError(
@@ -142,7 +147,7 @@ def plot(rows: list[dict], floor: dict | None, path: Path, title: str) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, format="png")
     plt.close(fig)
 
 
@@ -150,8 +155,12 @@ def write_report(runs: list[Path], out: Path, title: str) -> dict:
     rows = [read_run(Path(run)) for run in runs]
     floor = next((r["entropy_floor"] for r in rows if r["entropy_floor"]), None)
     out.mkdir(parents=True, exist_ok=True)
-    plot(rows, floor, out / "valid_perplexity.png", title)
-    (out / "report.md").write_text(markdown(rows, title, floor))
+    best = min(rows, key=lambda r: r["test_perplexity"])
+    plot(rows, floor, out / "valid_perplexity.png.tmp", title)
+    (out / "valid_perplexity.png.tmp").replace(out / "valid_perplexity.png")
+    text = markdown(rows, title, floor)
+    text += f"\nLowest test perplexity: **{best['name']}** ({best['test_perplexity']:.2f}).\n"
+    _write_atomic(out / "report.md", text)
     summary = {
         "title": title,
         "entropy_floor_perplexity": floor["perplexity"] if floor else None,
@@ -170,8 +179,15 @@ def write_report(runs: list[Path], out: Path, title: str) -> dict:
             for r in rows
         ],
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary["best"] = best["name"]
+    _write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")  # written last
     return summary
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:

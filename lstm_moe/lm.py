@@ -38,7 +38,11 @@ class LSTMBlock(nn.Module):
         self.lstm.bias_hh_l0.requires_grad_(False)
 
     def forward(self, x: Tensor, state: LSTMState | None) -> tuple[Tensor, LSTMState]:
-        return self.lstm(x, state)  # [T, B, D]
+        # cuDNN's autocast path would run the LSTM in float16 whatever dtype autocast asks
+        # for; the recurrence (and the state carried across windows) stays in float32.
+        with torch.autocast(x.device.type, enabled=False):
+            state = None if state is None else (state[0].float(), state[1].float())
+            return self.lstm(x.float(), state)  # [T, B, D]
 
     def ops_per_timestep(self) -> int:
         """Multiply-adds per token: four gates over [input, recurrent output], plus projection."""
@@ -147,7 +151,8 @@ class LanguageModel(nn.Module):
     def nll(self, hidden: Tensor, targets: Tensor, sampled: bool = False) -> Tensor:
         """Per-token negative log-likelihood [T·B] of targets [T, B] given hidden [T, B, D];
         `sampled` uses the importance-sampled estimate (training only)."""
-        flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+        flat_hidden = hidden.reshape(-1, hidden.shape[-1])  # [T·B, D]
+        flat_targets = targets.reshape(-1)  # [T·B]
         use_sampled = sampled and self.config.softmax == "sampled"
         if use_sampled:
             return self.softmax.sampled_nll(flat_hidden, flat_targets)

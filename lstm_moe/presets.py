@@ -135,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"presets": rows}, indent=2) + "\n")
+        tmp = args.json.with_name(args.json.name + ".tmp")
+        tmp.write_text(json.dumps({"presets": rows}, indent=2) + "\n")
+        tmp.replace(args.json)
         print(f"wrote {args.json}")
     return 0
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 
 def enable_cpu_hugepages() -> None:
     """Back large CPU tensors with 2 MiB transparent huge pages.
@@ -15,3 +17,10 @@ def enable_cpu_hugepages() -> None:
     pages and ~14 GB/s with huge pages. A value the user has set is kept.
     """
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
+def resolve_device(name: str) -> torch.device:
+    """ "auto" is CUDA when available, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

@@ -31,7 +31,12 @@ def log_uniform_log_prob(ids: Tensor, vocab_size: int) -> Tensor:
     return q.log().to(torch.float32)
 
 
-def sample_log_uniform(n_samples: int, vocab_size: int, generator=None, device=None) -> Tensor:
+def sample_log_uniform(
+    n_samples: int,
+    vocab_size: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | None = None,
+) -> Tensor:
     """Draw ids ~ Q by inverting its CDF: P(id < c) = log(c+1) / log(V+1)."""
     u = torch.rand(n_samples, generator=generator, device=device, dtype=torch.float64)
     ids = torch.floor(torch.exp(u * math.log(vocab_size + 1.0))).long() - 1
@@ -50,7 +55,8 @@ class Softmax(nn.Module):
 
     def logits(self, hidden: Tensor) -> Tensor:
         """hidden: [N, D] -> [N, V] float32 (under autocast too)."""
-        return F.linear(hidden.float(), self.weight.float(), self.bias.float())
+        with torch.autocast(hidden.device.type, enabled=False):
+            return F.linear(hidden.float(), self.weight.float(), self.bias.float())
 
     def nll(self, hidden: Tensor, targets: Tensor) -> Tensor:
         """Exact negative log-likelihood per row. hidden: [N, D]; targets: [N] -> [N] float32.
@@ -71,10 +77,13 @@ class Softmax(nn.Module):
         samples = sample_log_uniform(
             self.n_samples, self.vocab_size, generator, hidden.device
         )  # [S]
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self._sampled_nll(hidden.float(), targets, samples)
+
+    def _sampled_nll(self, hidden: Tensor, targets: Tensor, samples: Tensor) -> Tensor:
         log_expected = math.log(self.n_samples) + log_uniform_log_prob(
             torch.cat([targets, samples]), self.vocab_size
         )  # [N + S]
-        hidden = hidden.float()
         true_logits = (hidden * self.weight[targets].float()).sum(-1) + self.bias[targets]  # [N]
         sample_logits = F.linear(hidden, self.weight[samples].float(), self.bias[samples])  # [N, S]
         true_logits = true_logits - log_expected[: len(targets)]

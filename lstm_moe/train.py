@@ -44,6 +44,7 @@ from lstm_moe.config import (
 from lstm_moe.data import LaneBatches
 from lstm_moe.lm import LanguageModel, detach_state
 from lstm_moe.presets import get_preset
+from lstm_moe.runtime import resolve_device
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,20 @@ class TrainConfig:
         for name in ("batch_size", "bptt", "eval_every", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "max_tokens", "max_seconds"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0 (or unset), got {getattr(self, name)}")
+        if self.grad_clip <= 0 or self.eval_tokens < 0:
+            raise ValueError(
+                f"grad_clip must be > 0 and eval_tokens >= 0, got {self.grad_clip}, "
+                f"{self.eval_tokens}"
+            )
+        if self.checkpoint_every % self.log_every:
+            # A resumed run must average the same steps into each logged entry.
+            raise ValueError(
+                f"checkpoint_every ({self.checkpoint_every}) must be a multiple of log_every "
+                f"({self.log_every})"
+            )
         if self.lr <= 0 or self.warmup_steps < 0:
             raise ValueError(
                 f"lr must be > 0 and warmup_steps >= 0, got {self.lr}, {self.warmup_steps}"
@@ -90,18 +105,30 @@ class TrainConfig:
         return self.batch_size * self.bptt
 
 
+# What `--resume` may change: when and how long to train, and where. Everything else (batch,
+# window, schedule, seed) decides which tokens and updates come next, and is fixed by the run.
+RESUMABLE_FIELDS = frozenset(
+    {
+        "max_steps",
+        "max_tokens",
+        "max_seconds",
+        "eval_every",
+        "eval_tokens",
+        "checkpoint_every",
+        "log_every",
+        "device",
+        "bf16",
+        "threads",
+    }
+)
+
+
 def learning_rate_factor(step: int, warmup_steps: int) -> float:
     """Multiplier of the peak rate after `step` updates: linear warm-up, then ∝ 1/√step."""
     step = max(step, 1)
     if warmup_steps == 0:
         return 1.0 / math.sqrt(step)
     return min(step / warmup_steps, math.sqrt(warmup_steps / step))
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def autocast_dtype_for(device: torch.device, bf16: bool) -> torch.dtype | None:
@@ -111,7 +138,7 @@ def autocast_dtype_for(device: torch.device, bf16: bool) -> torch.dtype | None:
 
 def data_fingerprint(data_dir: Path, meta: dict) -> dict:
     fingerprint = {
-        "path": str(data_dir),
+        "path": str(Path(data_dir).resolve()),
         "dataset": meta.get("dataset"),
         "recipe_id": meta.get("recipe_id"),
         "vocab_size": meta["vocab"]["size"],
@@ -144,6 +171,9 @@ class Trainer:
             torch.set_num_threads(train_config.threads)
         self.device = resolve_device(train_config.device)
         self.autocast_dtype = autocast_dtype_for(self.device, train_config.bf16)
+        self.softmax_is_sampled = (
+            model_config.softmax == "sampled" and model_config.vocab_size > model_config.n_samples
+        )
         torch.manual_seed(train_config.seed)
         self.model = LanguageModel(model_config).to(self.device)
         self.optimizer = torch.optim.Adam(
@@ -203,7 +233,9 @@ class Trainer:
             self.checkpoint_path,
             {
                 "model_config": config_to_dict(self.model_config),
+                "train_config": config_to_dict(self.config),
                 "vocab_sha256": self.meta["vocab"]["sha256"],
+                "data_recipe_id": self.meta.get("recipe_id"),
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "schedule": self.schedule.state_dict(),
@@ -216,12 +248,29 @@ class Trainer:
         )
 
     def restore(self) -> None:
-        ckpt = load_checkpoint(self.checkpoint_path, map_location=self.device)
+        # Loaded to the CPU: RNG states must stay there; load_state_dict copies the rest.
+        ckpt = load_checkpoint(self.checkpoint_path, map_location="cpu")
         saved = config_from_dict(LMConfig, ckpt["model_config"])
         if saved != self.model_config:
             raise ValueError(
                 f"{self.checkpoint_path} was trained with a different model config; "
                 "resume with the run's own config.json"
+            )
+        saved_train = ckpt["train_config"]
+        changed = sorted(
+            name
+            for name, value in config_to_dict(self.config).items()
+            if name not in RESUMABLE_FIELDS and saved_train.get(name) != value
+        )
+        if changed:
+            raise ValueError(
+                f"--resume cannot change {changed}: they decide which tokens and updates come "
+                f"next; only {sorted(RESUMABLE_FIELDS)} may change"
+            )
+        if ckpt["data_recipe_id"] != self.meta.get("recipe_id"):
+            raise ValueError(
+                f"{self.data_dir} (recipe {self.meta.get('recipe_id')}) is not the dataset "
+                f"{self.checkpoint_path} was trained on (recipe {ckpt['data_recipe_id']})"
             )
         if ckpt["vocab_sha256"] != self.meta["vocab"]["sha256"]:
             raise ValueError(
@@ -233,7 +282,8 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.schedule.load_state_dict(ckpt["schedule"])
         set_rng_state(ckpt["rng"])
-        self.state = [tuple(s) for s in ckpt["lstm_state"]] if ckpt["lstm_state"] else None
+        if ckpt["lstm_state"]:
+            self.state = [(h.to(self.device), c.to(self.device)) for h, c in ckpt["lstm_state"]]
         self.step, self.tokens, self.elapsed = ckpt["step"], ckpt["tokens"], ckpt["elapsed"]
         self._truncate_metrics(self.step)
 
@@ -253,6 +303,11 @@ class Trainer:
         tmp = path.with_name("metrics.jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(path)
+
+    def start_fresh(self) -> None:
+        """A new run: remove what an earlier attempt killed before its first checkpoint left."""
+        for name in ("metrics.jsonl", "checkpoint.pt.tmp", "eval/perplexity.json"):
+            (self.run_dir / name).unlink(missing_ok=True)
 
     def log(self, entry: dict) -> None:
         with open(self.run_dir / "metrics.jsonl", "a") as f:
@@ -299,7 +354,7 @@ class Trainer:
         self.step += 1
         self.tokens += targets.numel()
         stats = {
-            "loss": float(nll.detach()),
+            "loss": float(nll.detach()),  # the sampled estimate when the softmax is sampled
             "aux_loss": float(out.aux_loss.detach()),
             "grad_norm": float(grad_norm),
         }
@@ -321,11 +376,9 @@ class Trainer:
         max_windows = None
         if self.config.eval_tokens:
             max_windows = max(1, math.ceil(self.config.eval_tokens / tokens_per_window))
-        rng = torch.get_rng_state()  # validation must not change the training's random stream
-        result = evaluate(
-            self.model, self.valid_batches, self.device, max_windows, self.autocast_dtype
-        )
-        torch.set_rng_state(rng)
+        rng = rng_state()  # validation must not change the training's random stream
+        result = evaluate(self.model, self.valid_batches, self.device, max_windows)
+        set_rng_state(rng)
         entry = {
             "kind": "valid",
             "step": self.step,
@@ -369,7 +422,8 @@ class Trainer:
                     entry = {"kind": "train", "step": self.step, "tokens": self.tokens}
                     for key in window_stats[0]:
                         entry[key] = sum(s[key] for s in window_stats) / len(window_stats)
-                    entry["ppl"] = math.exp(min(entry["loss"], 50.0))
+                    ppl_name = "sampled_ppl" if self.softmax_is_sampled else "ppl"
+                    entry[ppl_name] = math.exp(min(entry["loss"], 50.0))
                     entry["lr"] = self.schedule.get_last_lr()[0]
                     entry["tokens_per_s"] = window_tokens / max(seconds, 1e-9)
                     entry["elapsed"] = round(self.elapsed, 3)
@@ -380,8 +434,10 @@ class Trainer:
                     window_stats, window_start, window_tokens = [], time.perf_counter(), 0
                 if self.step % self.config.eval_every == 0:
                     last_valid = self.validate() or last_valid
+                    window_start = time.perf_counter()  # tokens/s counts training only
                 if self.step % self.config.checkpoint_every == 0:
                     self.save()
+                    window_start = time.perf_counter()
                 bar.update(1)
         finally:
             bar.close()
@@ -389,54 +445,6 @@ class Trainer:
             last_valid = self.validate() or last_valid
         self.save()
         return last_valid
-
-
-# ----------------------------------------------------------------------------- loading
-
-
-@dataclass
-class LoadedRun:
-    model: LanguageModel
-    device: torch.device
-    autocast_dtype: torch.dtype | None
-    data_dir: Path
-    meta: dict
-    run_config: dict
-    step: int
-    tokens_trained: int
-
-    def split(self, name: str):
-        return read_split(self.data_dir, name, self.meta)
-
-
-def load_run_for_eval(run_dir: Path, device: str = "auto") -> LoadedRun:
-    """The trained model of a run folder and its dataset, checked against each other."""
-    run_dir = Path(run_dir)
-    config_path = run_dir / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found: is {run_dir} a training run?")
-    run_config = json.loads(config_path.read_text())
-    model_config = config_from_dict(LMConfig, run_config["model"])
-    train_config = config_from_dict(TrainConfig, run_config["train"])
-    data_dir = Path(run_config["data"]["path"])
-    meta = read_meta(data_dir)
-    ckpt = load_checkpoint(run_dir / "checkpoint.pt")
-    if ckpt["vocab_sha256"] != meta["vocab"]["sha256"]:
-        raise ValueError(f"{data_dir}'s vocabulary is not the one {run_dir} was trained with")
-    torch_device = resolve_device(device)
-    model = LanguageModel(model_config)
-    model.load_state_dict(ckpt["model"])
-    model.to(torch_device).eval()
-    return LoadedRun(
-        model,
-        torch_device,
-        autocast_dtype_for(torch_device, train_config.bf16),
-        data_dir,
-        meta,
-        run_config,
-        ckpt["step"],
-        ckpt["tokens"],
-    )
 
 
 # ----------------------------------------------------------------------------- command line
@@ -483,12 +491,13 @@ def build_trainer(args: argparse.Namespace, overrides: dict[str, str]) -> Traine
         and train_config.max_seconds is None
     ):
         raise ValueError("set a budget: --max_steps=N, --max_tokens=N or --max_seconds=S")
-    return Trainer(run_dir, model_config, train_config, args.data, args.preset)
+    trainer = Trainer(run_dir, model_config, train_config, args.data, args.preset)
+    trainer.start_fresh()
+    return trainer
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    rest, overrides = split_overrides(argv)
     parser = argparse.ArgumentParser(
         prog="python -m lstm_moe.train",
         description=__doc__.split("\n\n")[0],
@@ -503,10 +512,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", help="a Table 7 preset (python -m lstm_moe.presets)")
     parser.add_argument("--resume", action="store_true", help="continue the run's checkpoint")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = parser.parse_args(rest)
+    args, unknown = parser.parse_known_args(argv)
+    rest, overrides = split_overrides(unknown)
+    if rest:
+        parser.error(
+            f"unrecognized arguments {rest} (model and training fields take --field=value)"
+        )
     try:
         trainer = build_trainer(args, overrides)
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as error:
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     model = trainer.model

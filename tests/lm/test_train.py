@@ -106,3 +106,36 @@ def test_new_run_refuses_to_overwrite_and_resume_refuses_model_changes(tiny_data
 def test_bad_overrides_are_clear_errors(tiny_dataset, tmp_path, bad, capsys):
     assert train(tiny_dataset, tmp_path / "run", "--max_steps=1", bad) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_resume_with_the_sampled_softmax_is_exact(tiny_dataset, tmp_path):
+    """The sampled softmax draws candidates from the RNG, so this checks that its state is
+    carried across the interruption too (vocabulary 43 > 8 samples: sampling is on)."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    sampled = ["--softmax=sampled", "--n_samples=8"]
+    assert train(tiny_dataset, whole, "--max_steps=30", *sampled) == 0
+    assert train(tiny_dataset, split, "--max_steps=10", *sampled) == 0
+    assert train_main(["--run", str(split), "--resume", "--max_steps=30", "--quiet"]) == 0
+    want = [(e["step"], e["loss"]) for e in read_metrics(whole)]
+    assert [(e["step"], e["loss"]) for e in read_metrics(split)] == want
+    assert "sampled_ppl" in read_metrics(whole)[-1]
+
+
+def test_resume_refuses_changes_that_move_the_data_or_the_schedule(tiny_dataset, tmp_path):
+    run = tmp_path / "run"
+    assert train(tiny_dataset, run, "--max_steps=10") == 0
+    for change in ("--bptt=7", "--lr=0.5", "--batch_size=3"):
+        assert train_main(["--run", str(run), "--resume", change, "--quiet"]) == 2
+    assert train_main(["--run", str(run), "--resume", "--max_steps=15", "--quiet"]) == 0
+
+
+def test_equals_form_of_named_arguments(tiny_dataset, tmp_path):
+    args = [a for a in SMALL if not a.startswith("--preset=")]
+    run = tmp_path / "run"
+    assert (
+        train_main(
+            [f"--data={tiny_dataset}", f"--run={run}", "--preset=MoE-32", *args, "--max_steps=5"]
+        )
+        == 0
+    )
+    assert train(tiny_dataset, tmp_path / "bad", "--max_steps=5", "--checkpoint_every=7") == 2
