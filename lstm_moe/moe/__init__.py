@@ -1,7 +1,8 @@
 """The sparsely-gated Mixture-of-Experts layer (Shazeer et al. 2017).
 
 router (routing.py, hierarchical.py, batchwise.py) -> dispatcher (dispatch.py) ->
-batched experts (experts.py), assembled in layer.py.
+batched experts (experts.py), with the experts sharded over ranks by parallel.py (one rank
+is the same code), assembled in layer.py.
 """
 
 from .batchwise import BatchwiseRouter
@@ -10,25 +11,37 @@ from .experts import BatchedExperts, grouped_matmul
 from .hierarchical import HierarchicalRouter
 from .layer import MoEConfig, MoELayer, MoEOutput, MoEStats
 from .losses import cv_squared, prob_in_top_k
+from .parallel import (
+    ExpertDispatch,
+    ParallelGroup,
+    gather_state_dict,
+    shard_state_dict,
+    share_capacity,
+)
 from .routing import NoisyTopKRouter, Routing, noisy_top_k_gating
 
 __all__ = [
     "BatchedExperts",
     "BatchwiseRouter",
     "DispatchPlan",
+    "ExpertDispatch",
     "HierarchicalRouter",
     "MoEConfig",
     "MoELayer",
     "MoEOutput",
     "MoEStats",
     "NoisyTopKRouter",
+    "ParallelGroup",
     "Routing",
     "combine_rows",
     "cv_squared",
     "expert_capacity",
     "gather_rows",
+    "gather_state_dict",
     "grouped_matmul",
     "noisy_top_k_gating",
     "plan_dispatch",
     "prob_in_top_k",
+    "shard_state_dict",
+    "share_capacity",
 ]

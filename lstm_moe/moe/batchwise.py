@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .losses import assignment_counts, batchwise_threshold_loss, importance
+from .parallel import ParallelGroup
 from .routing import Routing, balance_losses, check_top_k, router_precision
 
 
@@ -35,7 +36,11 @@ class BatchwiseRouter(nn.Module):
       training by construction and without gradient) are reported as for the other routers;
       the paper's MT runs that used this gate set w_importance = w_load = 0.01.
     A token can go to a variable number of experts, so expert_index is padded with -1 to the
-    largest count in the batch.
+    largest count in the batch (of this rank).
+    With a ParallelGroup the batch X is that of all ranks: the (detached) gate values of every
+    rank are gathered so that each expert takes its top m = k·|X|/n tokens of the global batch,
+    and the sums behind Importance, Load, L_batchwise and the extra statistic are summed over
+    the ranks.
     """
 
     def __init__(
@@ -61,17 +66,25 @@ class BatchwiseRouter(nn.Module):
         """m = k·|X|/n of Eq. 18, rounded down, in [1, |X|]."""
         return min(n_tokens, max(1, (self.k * n_tokens) // self.n_experts))
 
-    def forward(self, x: Tensor) -> Routing:
-        """x: [T, D]. Returns a Routing whose slots are padded with expert -1."""
+    def forward(self, x: Tensor, group: ParallelGroup | None = None) -> Routing:
+        """x: [T, D], this rank's tokens. Returns a Routing whose slots are padded with
+        expert -1."""
+        group = ParallelGroup() if group is None else group
         n_tokens = x.shape[0]
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = router_precision(x)
             gate_probs = torch.softmax(x @ self.w_gate.to(x.dtype), dim=-1)  # G_σ, [T, E]
-            m = self.tokens_per_expert(n_tokens) if n_tokens else 0
-            top_tokens = gate_probs.topk(m, dim=0).indices  # [m, E]
-            batchwise_mask = torch.zeros_like(gate_probs, dtype=torch.bool)
-            batchwise_mask = batchwise_mask.scatter(0, top_tokens, True)  # Eq. 18, [T, E]
-            threshold_loss = batchwise_threshold_loss(gate_probs, self.thresholds, batchwise_mask)
+            # Eq. 18 ranks the tokens of the whole batch: gather every rank's (constant) values.
+            all_probs, first_row = group.gather_batch(gate_probs)  # [|X|, E]
+            n_all = all_probs.shape[0]
+            m = self.tokens_per_expert(n_all) if n_all else 0
+            top_tokens = all_probs.topk(m, dim=0).indices  # [m, E]
+            batchwise_mask = torch.zeros_like(all_probs, dtype=torch.bool)
+            batchwise_mask = batchwise_mask.scatter(0, top_tokens, True)  # Eq. 18, [|X|, E]
+            batchwise_mask = batchwise_mask[first_row : first_row + n_tokens]  # [T, E]
+            threshold_loss = group.sum(
+                batchwise_threshold_loss(gate_probs, self.thresholds, batchwise_mask, n_all)
+            )
             mask = batchwise_mask if self.training else gate_probs > self.thresholds.detach()
 
             masked = gate_probs * mask  # [T, E]
@@ -84,12 +97,13 @@ class BatchwiseRouter(nn.Module):
             expert_index = torch.where(valid, top_index, -1)
             gates = torch.where(valid, all_gates.gather(-1, top_index), 0.0)  # [T, K]
 
-            importance_per_expert = importance(gates, expert_index, self.n_experts)
-            load = assignment_counts(expert_index, self.n_experts).to(gates.dtype)
+            importance_per_expert = group.sum(importance(gates, expert_index, self.n_experts))
+            load = group.sum(assignment_counts(expert_index, self.n_experts).to(gates.dtype))
             losses, aux_loss = balance_losses(
                 importance_per_expert, load, self.w_importance, self.w_load
             )
             losses["threshold"] = threshold_loss
             aux_loss = aux_loss + self.w_threshold * threshold_loss
-            extra = {"fraction_tokens_without_expert": (~mask.any(-1)).float().mean()}
+            without_expert = group.sum((~mask.any(-1)).float().sum())
+            extra = {"fraction_tokens_without_expert": without_expert / max(n_all, 1)}
         return Routing(expert_index, gates, importance_per_expert, load, losses, aux_loss, extra)

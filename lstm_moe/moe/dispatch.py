@@ -47,13 +47,14 @@ def expert_capacity(n_tokens: int, k: int, n_experts: int, capacity_factor: floa
 
 
 def plan_dispatch(
-    expert_index: Tensor, n_experts: int, capacity: int | None = None
+    expert_index: Tensor, n_experts: int, capacity: int | Tensor | None = None
 ) -> DispatchPlan:
     """Stable-sort the (token, slot) pairs by expert and apply a per-expert capacity.
 
-    expert_index: [T, K] int64, -1 for an unused slot. capacity: rows per expert, or None for
-    dropless. Pairs past an expert's capacity are dropped in token order; their tokens get no
-    output from that expert (the residual connection around the layer carries them).
+    expert_index: [T, K] int64, -1 for an unused slot. capacity: rows per expert (an int for
+    every expert, or [E] int64, one each: what expert parallelism leaves to this rank), or None
+    for dropless. Pairs past an expert's capacity are dropped in token order; their tokens get
+    no output from that expert (the residual connection around the layer carries them).
     """
     n_tokens, slots = expert_index.shape
     flat_expert = expert_index.reshape(-1)  # [P]
@@ -68,7 +69,8 @@ def plan_dispatch(
         starts = torch.cumsum(routed, 0) - routed  # [E]
         bucket = sorted_expert.clamp(max=n_experts - 1)
         rank_in_expert = torch.arange(order.numel(), device=order.device) - starts[bucket]
-        keep = (sorted_expert < n_experts) & (rank_in_expert < capacity)  # [P]
+        limit = capacity[bucket] if isinstance(capacity, Tensor) else capacity  # [P] or int
+        keep = (sorted_expert < n_experts) & (rank_in_expert < limit)  # [P]
         rows = routed.clamp(max=capacity)
     pair_index = order[keep]  # [N]
     return DispatchPlan(

@@ -118,6 +118,19 @@ class BatchedExperts(nn.Module):
             self.b_in.uniform_(-bound_in, bound_in)
             self.b_out.uniform_(-bound_out, bound_out)
 
+    @torch.no_grad()
+    def keep_experts(self, first: int, last: int) -> None:
+        """Keep experts [first, last) only, as they are: one rank's shard under expert
+        parallelism, cut from the tensors drawn for all experts."""
+        if not 0 <= first < last <= self.n_experts:
+            raise ValueError(f"expert range [{first}, {last}) is not in [0, {self.n_experts})")
+        if (first, last) == (0, self.n_experts):
+            return
+        for name in ("w_in", "w_out", "b_in", "b_out"):
+            if getattr(self, name) is not None:
+                setattr(self, name, nn.Parameter(getattr(self, name)[first:last].clone()))
+        self.n_experts = last - first
+
     def forward(self, rows: Tensor, rows_per_expert: Tensor) -> Tensor:
         """rows: [N, D] expert-contiguous; rows_per_expert: [E] int64. Returns [N, D]."""
         hidden = grouped_matmul(rows, self.w_in, rows_per_expert)  # [N, H]

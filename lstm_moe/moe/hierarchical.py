@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from .dispatch import gather_rows, plan_dispatch
 from .experts import grouped_matmul
 from .losses import importance
+from .parallel import ParallelGroup
 from .routing import Routing, balance_losses, check_top_k, noisy_top_k_gating, router_precision
 
 
@@ -27,6 +28,9 @@ class HierarchicalRouter(nn.Module):
     secondary gating matrices are applied with one grouped matmul. All gating weights start
     at zero (App. A). With one group the result equals the flat NoisyTopKRouter (same
     routing and random draws; losses equal up to floating-point rounding).
+    With a ParallelGroup, the sums over the batch that Eq. 13-14 are built from (Importance,
+    Load_primary, the secondary Loads and the group sizes |X^(g)|) are summed over the ranks
+    before they are combined, so the losses are those of the global batch.
     """
 
     def __init__(
@@ -54,8 +58,10 @@ class HierarchicalRouter(nn.Module):
         self.w_gate = nn.Parameter(torch.zeros(n_groups, d_model, experts_per_group))
         self.w_noise = nn.Parameter(torch.zeros(n_groups, d_model, experts_per_group))
 
-    def forward(self, x: Tensor) -> Routing:
-        """x: [T, D]. Returns a Routing with K1·K2 slots per token over A·B flat experts."""
+    def forward(self, x: Tensor, group: ParallelGroup | None = None) -> Routing:
+        """x: [T, D], this rank's tokens. Returns a Routing with K1·K2 slots per token over
+        A·B flat experts."""
+        group = ParallelGroup() if group is None else group
         n_tokens = x.shape[0]
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = router_precision(x)
@@ -65,7 +71,7 @@ class HierarchicalRouter(nn.Module):
                 self.k_groups,
                 self.noise_epsilon,
             )
-            primary_load = primary.load_per_row.sum(0)  # Load_primary(X), [A]
+            primary_load = group.sum(primary.load_per_row.sum(0))  # Load_primary(X), [A]
 
             # Token-group pairs, group-contiguous; no capacity: every routed token is gated.
             plan = plan_dispatch(primary.index, self.n_groups)
@@ -88,7 +94,9 @@ class HierarchicalRouter(nn.Module):
             # Eq. 14: Load_H[g, e] = Load_primary[g] · Load_g(X^(g))[e] / |X^(g)|.
             secondary_load = secondary.load_per_row.new_zeros(self.n_groups, self.experts_per_group)
             secondary_load = secondary_load.index_add(0, group_of_row, secondary.load_per_row)
-            group_size = rows_per_group.to(secondary_load.dtype).clamp(min=1).unsqueeze(1)  # [A, 1]
+            secondary_load = group.sum(secondary_load)  # Load_g(X^(g)) over all ranks, [A, B]
+            group_size = group.sum(rows_per_group).to(secondary_load.dtype)  # |X^(g)|, [A]
+            group_size = group_size.clamp(min=1).unsqueeze(1)  # [A, 1]
             load = (primary_load.unsqueeze(1) * secondary_load / group_size).reshape(-1)  # [A*B]
 
             # Put each pair's K2 choices back in its (token, primary slot) place.
@@ -102,7 +110,9 @@ class HierarchicalRouter(nn.Module):
             expert_index = expert_index.index_copy(0, plan.pair_index, row_index)
             expert_index = expert_index.view(n_tokens, slots)  # [T, K1*K2]
 
-            importance_per_expert = importance(gates, expert_index, self.n_experts)  # Eq. 13
+            importance_per_expert = group.sum(
+                importance(gates, expert_index, self.n_experts)
+            )  # Eq. 13, [A*B]
             losses, aux_loss = balance_losses(
                 importance_per_expert, load, self.w_importance, self.w_load
             )

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch.distributed as dist
 from torch import Tensor, nn
 
+from . import parallel
 from .batchwise import BatchwiseRouter
-from .dispatch import DispatchPlan, combine_rows, expert_capacity, gather_rows, plan_dispatch
 from .experts import BatchedExperts
 from .hierarchical import HierarchicalRouter
+from .parallel import ExpertDispatch, ParallelGroup
 from .routing import NoisyTopKRouter, Routing
 
 ROUTERS = ("noisy_topk", "hierarchical", "batchwise")
@@ -92,7 +94,7 @@ class MoEConfig:
 
 @dataclass
 class MoEStats:
-    """Routing statistics of one call, all detached.
+    """Routing statistics of one call, all detached, over the batch of all ranks.
 
     tokens_per_expert: [E] rows each expert computed (after capacity).
     importance: [E] Σ_x G(x); load: [E] the router's Load (smooth estimate in training).
@@ -171,7 +173,12 @@ class MoELayer(nn.Module):
 
     `MoELayer(d_model, n_experts, expert_hidden, k, router="noisy_topk", **options)` with the
     options of MoEConfig, or `MoELayer.from_config(config)`. A router module may be passed
-    instead of a name; it must map x[T, D] to a Routing over n_experts.
+    instead of a name; it must map (x[T, D], group=ParallelGroup | None) to a Routing over
+    n_experts, with its importance, load and losses over the batch of all ranks of the group.
+
+    process_group: expert parallelism over the ranks of a torch.distributed group (parallel.py):
+    this rank holds experts [r·E/W, (r+1)·E/W) and routes its own tokens; every rank calls the
+    layer together. None (the default) is one process, through the same code.
     """
 
     def __init__(
@@ -181,16 +188,25 @@ class MoELayer(nn.Module):
         expert_hidden: int,
         k: int = 4,
         router: str | nn.Module = "noisy_topk",
+        *,
+        process_group: dist.ProcessGroup | None = None,
         **options,
     ) -> None:
         super().__init__()
         router_name = router if isinstance(router, str) else "noisy_topk"
         self.config = MoEConfig(d_model, n_experts, expert_hidden, k, router_name, **options)
+        self.group = ParallelGroup(process_group)
+        first, last = self.group.expert_range(n_experts)
         self.router = build_router(self.config) if isinstance(router, str) else router
+        # All E experts are drawn from the seed on every rank, then cut to this rank's shard,
+        # so that any number of ranks starts from the same model as one process.
         self.experts = BatchedExperts(n_experts, d_model, expert_hidden, self.config.expert_bias)
+        self.experts.keep_experts(first, last)
 
     @classmethod
-    def from_config(cls, config: MoEConfig) -> MoELayer:
+    def from_config(
+        cls, config: MoEConfig, process_group: dist.ProcessGroup | None = None
+    ) -> MoELayer:
         options = {
             name: getattr(config, name)
             for name in config.__dataclass_fields__
@@ -202,6 +218,7 @@ class MoELayer(nn.Module):
             config.expert_hidden,
             config.k,
             config.router,
+            process_group=process_group,
             **options,
         )
 
@@ -211,27 +228,27 @@ class MoELayer(nn.Module):
         if x.shape[-1] != d_model:
             raise ValueError(f"input width (last dim) must be d_model={d_model}, got {x.shape[-1]}")
         tokens = x.reshape(-1, d_model)  # [T, D]
-        routing = self.router(tokens)
-        output, plan = self.mix_experts(tokens, routing.expert_index, routing.gates)
-        stats = _routing_stats(routing, plan.rows_per_expert, plan.routed_per_expert)
+        routing = self.router(tokens, group=self.group)
+        output, dispatch = self.mix_experts(tokens, routing.expert_index, routing.gates)
+        stats = _routing_stats(routing, dispatch.rows_per_expert, dispatch.routed_per_expert)
         output = output.view(*x.shape[:-1], d_model)
         return MoEOutput(output, routing.aux_loss, routing.losses, stats)
 
     def mix_experts(
         self, tokens: Tensor, expert_index: Tensor, gates: Tensor
-    ) -> tuple[Tensor, DispatchPlan]:
+    ) -> tuple[Tensor, ExpertDispatch]:
         """Σ_slot gates · expert(token) for a given routing: dispatch, experts, combine.
 
-        tokens: [T, D]; expert_index, gates: [T, K]. Returns ([T, D], the dispatch plan).
+        tokens: [T, D]; expert_index (global expert ids), gates: [T, K].
+        Returns ([T, D], what the dispatch did over the batch of all ranks).
         """
-        capacity = None
-        if self.config.capacity_factor is not None:
-            capacity = expert_capacity(
-                tokens.shape[0],
-                self.config.experts_per_token,
-                self.config.n_experts,
-                self.config.capacity_factor,
-            )
-        plan = plan_dispatch(expert_index, self.config.n_experts, capacity)
-        expert_out = self.experts(gather_rows(tokens, plan), plan.rows_per_expert)  # [N, D]
-        return combine_rows(expert_out, gates, plan), plan
+        return parallel.mix_experts(
+            tokens,
+            expert_index,
+            gates,
+            self.experts,
+            self.config.n_experts,
+            self.group,
+            self.config.capacity_factor,
+            self.config.experts_per_token,
+        )

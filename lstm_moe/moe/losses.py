@@ -81,7 +81,7 @@ def prob_in_top_k(
 
 
 def batchwise_threshold_loss(
-    gate_probs: Tensor, thresholds: Tensor, batchwise_mask: Tensor
+    gate_probs: Tensor, thresholds: Tensor, batchwise_mask: Tensor, n_rows: int | None = None
 ) -> Tensor:
     """L_batchwise of App. F, Eq. 20, divided by the number of rows:
 
@@ -92,9 +92,12 @@ def batchwise_threshold_loss(
     mask drops, and down in the opposite case; it is zero when the masks agree.
 
     gate_probs: [R, E] softmax gate values G_σ(x); thresholds: [E];
-    batchwise_mask: [R, E] bool. Returns a scalar.
+    batchwise_mask: [R, E] bool. n_rows: |X|, where the rows are one rank's share of a larger
+    batch (the ranks' results then sum to the loss of the batch); None for R.
+    Returns a scalar.
     """
     values = gate_probs.detach()
     threshold_mask = (values > thresholds).float()  # [R, E]
     disagreement = threshold_mask - batchwise_mask.float()  # [R, E]
-    return (disagreement * (values - thresholds)).sum() / max(gate_probs.shape[0], 1)
+    n_rows = gate_probs.shape[0] if n_rows is None else n_rows
+    return (disagreement * (values - thresholds)).sum() / max(n_rows, 1)

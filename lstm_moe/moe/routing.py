@@ -13,11 +13,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .losses import assignment_counts, cv_squared, importance, prob_in_top_k
+from .parallel import ParallelGroup
 
 
 @dataclass
 class Routing:
     """Which experts each token goes to, with what weight, and the router's auxiliary losses.
+
+    Under expert parallelism expert_index and gates are this rank's tokens; importance, load,
+    the losses and extra_stats are over the batch of all ranks, as the paper defines them.
 
     expert_index: [T, K] int64; -1 marks an unused slot (routers with a variable number of
         experts per token, such as the batchwise gate, pad with it).
@@ -113,6 +117,8 @@ class NoisyTopKRouter(nn.Module):
     nothing is selected, so no noise is drawn either.
     W_g and W_noise start at zero (App. A): routing starts uniform at random, with equal load.
     The gate runs in float32 even under autocast (Switch Transformer's selective precision).
+    Importance and Load are sums over the batch; with a ParallelGroup they are summed over the
+    ranks too (differentiably) before CV², so the losses are those of the global batch.
     """
 
     def __init__(
@@ -135,15 +141,18 @@ class NoisyTopKRouter(nn.Module):
         self.w_gate = nn.Parameter(torch.zeros(d_model, n_experts))
         self.w_noise = nn.Parameter(torch.zeros(d_model, n_experts))
 
-    def forward(self, x: Tensor) -> Routing:
-        """x: [T, D]. Returns a Routing with K = k slots per token."""
+    def forward(self, x: Tensor, group: ParallelGroup | None = None) -> Routing:
+        """x: [T, D], this rank's tokens. Returns a Routing with K = k slots per token."""
+        group = ParallelGroup() if group is None else group
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = router_precision(x)
             clean_logits = x @ self.w_gate.to(x.dtype)  # [T, E]
             raw_noise = x @ self.w_noise.to(x.dtype) if self.training else None  # [T, E]
             gating = noisy_top_k_gating(clean_logits, raw_noise, self.k, self.noise_epsilon)
-            importance_per_expert = importance(gating.gates, gating.index, self.n_experts)
-            load_per_expert = gating.load_per_row.sum(0)  # Eq. 10, [E]
+            importance_per_expert = group.sum(
+                importance(gating.gates, gating.index, self.n_experts)
+            )  # Eq. 6, [E]
+            load_per_expert = group.sum(gating.load_per_row.sum(0))  # Eq. 10, [E]
             losses, aux_loss = balance_losses(
                 importance_per_expert, load_per_expert, self.w_importance, self.w_load
             )

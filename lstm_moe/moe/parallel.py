@@ -1,0 +1,293 @@
+"""Expert parallelism (Shazeer et al. 2017, §3.1): the gating network and everything outside
+the MoE layer are data-parallel (each rank routes its own tokens with replicated weights), the
+experts are sharded, and every (token, expert) pair travels to the rank holding its expert and
+back. Each expert then sees the pairs of all ranks, a batch that grows with the number of ranks.
+
+Rank r of W holds the contiguous block of experts [r·L, (r+1)·L), L = E / W. One call of
+`mix_experts`:
+
+1. each rank counts its pairs per expert; one all-gather gives every rank the counts of every
+   rank, [W, E], and the number of tokens of the global batch;
+2. the capacity, computed from the global token count, is handed out to ranks in rank order,
+   so the pairs kept are exactly those one process keeps on the concatenated batch
+   [rank 0's tokens; rank 1's tokens; ...]; dropped pairs are never sent;
+3. the dispatcher sorts this rank's kept pairs by expert, which makes the rows for each
+   destination rank contiguous, and an all-to-all with unequal split sizes sends them;
+4. the received rows, ordered (source rank, expert, token), are stably re-sorted by expert, so
+   that within an expert they are in global token order, run through the local experts as one
+   grouped product, put back, and returned by the reverse all-to-all; each rank mixes the
+   rows of its own tokens with their gates (Eq. 1).
+
+With one process every collective is the identity and the re-sort is skipped (it would be the
+identity permutation): a plain MoELayer runs this same code.
+
+Gradients flow through both all-to-alls and through the routers' batch sums (ParallelGroup.sum,
+whose backward sums the gradients of every rank's copy), so what each rank computes is its share
+of the gradient of Σ_r loss_r: an expert's gradient is complete on the rank that holds it, and
+the gradients of replicated parameters (router, everything outside the layer) must be summed
+over ranks. A training loop that averages those instead (DistributedDataParallel) optimises
+(1/W)·Σ_r loss_r, and must divide the expert gradients by W to match.
+
+Index letters: T tokens of this rank, K slots per token, E experts, W ranks, L = E / W experts
+per rank, D model width, N rows this rank sends, M rows it receives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .dispatch import DispatchPlan, combine_rows, expert_capacity, gather_rows, plan_dispatch
+
+# The tensors of BatchedExperts, the only ones expert parallelism shards.
+EXPERT_TENSORS = ("w_in", "w_out", "b_in", "b_out")
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """Σ over ranks of x. Every rank holds a copy of the sum, so the gradient of x is the sum
+    over ranks of the gradients of those copies: the backward is the same all-reduce."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, process_group: dist.ProcessGroup) -> Tensor:
+        ctx.process_group = process_group
+        total = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total, group=process_group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, group=ctx.process_group)
+        return grad, None
+
+
+class _AllToAll(torch.autograd.Function):
+    """Rows cut into blocks of send_counts[d] rows, block d sent to rank d; the blocks received
+    (recv_counts[s] rows from rank s) concatenated in rank order. The backward sends the
+    gradients back along the same routes: the all-to-all with the counts swapped."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        rows: Tensor,
+        send_counts: list[int],
+        recv_counts: list[int],
+        process_group: dist.ProcessGroup,
+    ) -> Tensor:
+        ctx.counts, ctx.process_group = (send_counts, recv_counts), process_group
+        received = rows.new_empty(sum(recv_counts), *rows.shape[1:])
+        dist.all_to_all_single(
+            received, rows.contiguous(), recv_counts, send_counts, group=process_group
+        )
+        return received
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        send_counts, recv_counts = ctx.counts
+        grad_rows = grad.new_empty(sum(send_counts), *grad.shape[1:])
+        dist.all_to_all_single(
+            grad_rows, grad.contiguous(), send_counts, recv_counts, group=ctx.process_group
+        )
+        return grad_rows, None, None, None
+
+
+class ParallelGroup:
+    """The ranks whose local batches make up one batch, and which split the experts.
+
+    process_group: a torch.distributed group, or None for this process alone. With one rank
+    every collective below is the identity and torch.distributed is never called.
+    """
+
+    def __init__(self, process_group: dist.ProcessGroup | None = None) -> None:
+        self.process_group = process_group
+        if process_group is None:
+            self.world_size, self.rank = 1, 0
+        else:
+            self.world_size = dist.get_world_size(process_group)
+            self.rank = dist.get_rank(process_group)
+
+    def expert_range(self, n_experts: int) -> tuple[int, int]:
+        """[first, last) of the global expert ids this rank holds."""
+        if n_experts % self.world_size:
+            raise ValueError(
+                f"n_experts ({n_experts}) must be a multiple of the number of ranks "
+                f"({self.world_size}) for expert parallelism"
+            )
+        per_rank = n_experts // self.world_size
+        return self.rank * per_rank, (self.rank + 1) * per_rank
+
+    def sum(self, x: Tensor) -> Tensor:
+        """Σ over ranks of x (same shape on every rank), differentiable: the backward sums the
+        gradients of every rank's copy of the result (every rank must run it)."""
+        if self.world_size == 1:
+            return x
+        return _SumOverRanks.apply(x, self.process_group)
+
+    def gather(self, x: Tensor) -> Tensor:
+        """Every rank's x (same shape on every rank), stacked in rank order: [W, *x.shape].
+        No gradient."""
+        if self.world_size == 1:
+            return x.detach().unsqueeze(0)
+        x = x.detach().contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        dist.all_gather(parts, x, group=self.process_group)
+        return torch.stack(parts)
+
+    def gather_batch(self, x: Tensor) -> tuple[Tensor, int]:
+        """Every rank's rows x[T_r, ...] (T_r may differ) concatenated in rank order,
+        [Σ_r T_r, ...], and the index of this rank's first row in it. No gradient."""
+        if self.world_size == 1:
+            return x.detach(), 0
+        sizes = self.gather(torch.tensor(x.shape[0], device=x.device)).tolist()  # [W]
+        padded = x.detach().new_zeros(max(sizes), *x.shape[1:])
+        padded[: x.shape[0]] = x.detach()
+        everyone = self.gather(padded)  # [W, max T_r, ...]
+        rows = torch.cat([everyone[r, :n] for r, n in enumerate(sizes)])
+        return rows, sum(sizes[: self.rank])
+
+    def all_to_all(self, rows: Tensor, send_counts: Tensor, recv_counts: Tensor) -> Tensor:
+        """Send rows[N, ...], cut into W consecutive blocks of send_counts[d] rows, block d to
+        rank d; return the blocks received, in rank order: [Σ recv_counts, ...].
+        Differentiable: the backward sends the gradients back along the same routes."""
+        if self.world_size == 1:
+            return rows
+        return _AllToAll.apply(rows, send_counts.tolist(), recv_counts.tolist(), self.process_group)
+
+
+@dataclass
+class ExpertDispatch:
+    """What one call of `mix_experts` did, over the batch of all ranks.
+
+    plan: this rank's kept pairs, sorted by expert (the rows it sent, in that order).
+    rows_per_expert: [E] int64 rows each expert computed (after capacity).
+    routed_per_expert: [E] int64 pairs routed to each expert (before capacity).
+    n_tokens: tokens in the global batch.
+    """
+
+    plan: DispatchPlan
+    rows_per_expert: Tensor
+    routed_per_expert: Tensor
+    n_tokens: int
+
+
+def share_capacity(routed: Tensor, capacity: int | None) -> Tensor:
+    """Pairs each rank keeps for each expert: [W, E] int64.
+
+    routed: [W, E] pairs each rank routed to each expert. An expert's capacity is handed out to
+    ranks in rank order, as one process on the concatenated batch gives it to the earliest
+    tokens; None (dropless) keeps every pair.
+    """
+    if capacity is None:
+        return routed
+    before = routed.cumsum(0) - routed  # [W, E] pairs of the ranks before
+    return (capacity - before).clamp(min=0).minimum(routed)
+
+
+def _expert_major_order(from_each: Tensor) -> Tensor | None:
+    """The permutation that takes received rows from (source rank, expert, token) order to
+    (expert, source rank, token) order, or None where the two are the same (one source rank or
+    one expert). from_each: [W, L] rows from each rank for each local expert. Returns [M]."""
+    world, per_rank = from_each.shape
+    if world == 1 or per_rank == 1:
+        return None
+    local_expert = torch.arange(per_rank, device=from_each.device).repeat(world)  # [W*L]
+    expert_of_row = torch.repeat_interleave(local_expert, from_each.reshape(-1))  # [M]
+    return torch.argsort(expert_of_row, stable=True)
+
+
+def _routed_counts(expert_index: Tensor, n_experts: int) -> Tensor:
+    """[E] int64 pairs routed to each expert; slots marked -1 are not counted."""
+    flat = expert_index.reshape(-1)
+    flat = torch.where(flat < 0, n_experts, flat)  # unused slots go to a bucket past the end
+    return torch.bincount(flat, minlength=n_experts + 1)[:n_experts]
+
+
+def mix_experts(
+    tokens: Tensor,
+    expert_index: Tensor,
+    gates: Tensor,
+    experts: nn.Module,
+    n_experts: int,
+    group: ParallelGroup,
+    capacity_factor: float | None = None,
+    experts_per_token: int = 1,
+) -> tuple[Tensor, ExpertDispatch]:
+    """Σ_slot gates · expert(token) (Eq. 1) for this rank's tokens, the experts spread over the
+    ranks of `group` (see the module docstring for the steps).
+
+    tokens: [T, D]; expert_index: [T, K] int64 global expert ids, -1 for an unused slot;
+    gates: [T, K]. experts: this rank's L experts, called as experts(rows [M, D] sorted by
+    expert, rows_per_expert [L]) -> [M, D]. capacity_factor: None for dropless, else each
+    expert takes at most expert_capacity(global tokens, experts_per_token, E, capacity_factor)
+    rows. Returns ([T, D], ExpertDispatch). Every rank of the group must call it together.
+    """
+    world, rank = group.world_size, group.rank
+    first, last = group.expert_range(n_experts)
+    n_tokens = tokens.shape[0]
+    routed = _routed_counts(expert_index, n_experts)  # [E]
+    counts = group.gather(torch.cat([routed, routed.new_tensor([n_tokens])]))  # [W, E+1]
+    routed_all = counts[:, :n_experts]  # [W, E]
+    total_tokens = n_tokens if world == 1 else int(counts[:, n_experts].sum())
+    capacity = None
+    if capacity_factor is not None:
+        capacity = expert_capacity(total_tokens, experts_per_token, n_experts, capacity_factor)
+    kept_all = share_capacity(routed_all, capacity)  # [W, E]
+    plan = plan_dispatch(expert_index, n_experts, None if capacity is None else kept_all[rank])
+
+    blocks = kept_all.view(world, world, last - first)  # [source, destination, local expert]
+    send_counts = blocks[rank].sum(-1)  # [W]
+    from_each = blocks[:, rank]  # [W, L]
+    recv_counts = from_each.sum(-1)  # [W]
+    received = group.all_to_all(gather_rows(tokens, plan), send_counts, recv_counts)  # [M, D]
+    order = _expert_major_order(from_each)
+    if order is not None:
+        received = received.index_select(0, order)
+    expert_out = experts(received, from_each.sum(0))  # [M, D]
+    if order is not None:
+        expert_out = expert_out.new_zeros(expert_out.shape).index_copy(0, order, expert_out)
+    returned = group.all_to_all(expert_out, recv_counts, send_counts)  # [N, D], plan order
+    output = combine_rows(returned, gates, plan)  # [T, D]
+    return output, ExpertDispatch(plan, kept_all.sum(0), routed_all.sum(0), total_tokens)
+
+
+def is_expert_tensor(name: str) -> bool:
+    """Whether a state-dict key names a tensor of BatchedExperts, [E, ...] by expert."""
+    parts = name.split(".")
+    return len(parts) >= 2 and parts[-2] == "experts" and parts[-1] in EXPERT_TENSORS
+
+
+def shard_state_dict(state: dict[str, Tensor], group: ParallelGroup) -> dict[str, Tensor]:
+    """This rank's share of a full (one-process) state dict: every expert tensor [E, ...] is cut
+    to this rank's experts [L, ...]; every other tensor is replicated and kept as it is."""
+    shard = {}
+    for name, value in state.items():
+        if is_expert_tensor(name):
+            first, last = group.expert_range(value.shape[0])
+            value = value[first:last].clone()
+        shard[name] = value
+    return shard
+
+
+def gather_state_dict(state: dict[str, Tensor], group: ParallelGroup) -> dict[str, Tensor]:
+    """The full state dict, on every rank, from each rank's shard: expert tensors [L, ...] are
+    gathered in rank order into [E, ...]. Every rank of the group must call it together."""
+    full = {}
+    for name, value in state.items():
+        if is_expert_tensor(name):
+            value = group.gather(value).flatten(0, 1)  # [W, L, ...] -> [E, ...]
+        full[name] = value
+    return full
+
+
+__all__ = [
+    "ExpertDispatch",
+    "ParallelGroup",
+    "gather_state_dict",
+    "is_expert_tensor",
+    "mix_experts",
+    "shard_state_dict",
+    "share_capacity",
+]
