@@ -6,8 +6,14 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Ranks to train on (make demo NPROC=2): above 1, torchrun starts them on this machine, the
+# experts sharded and everything else data-parallel (lstm_moe.distributed). The `--` keeps
+# torchrun from reading `--run` as an abbreviation of its own `--run-path`.
+NPROC ?= 1
+TRAIN = $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone \
+	--nproc_per_node=$(NPROC) -m lstm_moe.train --,$(PY) -m lstm_moe.train)
 
-.PHONY: setup test lint format bench demo lm1b clean-venv
+.PHONY: setup test lint format bench bench-parallel demo lm1b clean-venv
 
 setup: $(STAMP)
 
@@ -33,6 +39,11 @@ BENCH_OUT ?= bench
 bench: $(STAMP)
 	$(PY) -m eval.bench_moe --json $(BENCH_OUT)/bench_moe.json --markdown $(BENCH_OUT)/bench_moe.md
 
+# Expert parallelism at 1, 2 and 4 gloo ranks (on 2 cores: volume and correctness, not speed).
+bench-parallel: $(STAMP)
+	$(PY) -m eval.bench_parallel --json $(BENCH_OUT)/bench_parallel.json \
+		--markdown $(BENCH_OUT)/bench_parallel.md
+
 # --- the demo: generated corpus -> dense and MoE models at equal ops/timestep -> report --------
 # 4xLSTM-512 and MoE-32 scaled from width 512 to 64: four 64-cell LSTMs against two LSTMs
 # around 32 experts of hidden width 128 (k = 4), so both spend ~0.13M ops per token (plus the
@@ -45,8 +56,8 @@ DEMO_TRAIN = --d_model=64 --lstm_hidden=64 --softmax=full --dropout=0.0 --batch_
 demo: $(STAMP)
 	rm -rf $(DEMO_DIR)
 	data=$$($(PY) -m data_prep.synthetic --out data | tail -n 1); \
-	$(PY) -m lstm_moe.train --data $$data --run $(DEMO_DIR)/dense --preset 4xLSTM-512 $(DEMO_TRAIN); \
-	$(PY) -m lstm_moe.train --data $$data --run $(DEMO_DIR)/moe --preset MoE-32 $(DEMO_TRAIN) \
+	$(TRAIN) --data $$data --run $(DEMO_DIR)/dense --preset 4xLSTM-512 $(DEMO_TRAIN); \
+	$(TRAIN) --data $$data --run $(DEMO_DIR)/moe --preset MoE-32 $(DEMO_TRAIN) \
 		--expert_hidden=128
 	$(PY) -m eval.perplexity $(DEMO_DIR)/dense
 	$(PY) -m eval.perplexity $(DEMO_DIR)/moe
@@ -63,9 +74,9 @@ TRAIN_ARGS ?=
 lm1b: $(STAMP)
 	data=$$($(PY) -m data_prep.lm1b --out data $(if $(LM1B_DIR),--source $(LM1B_DIR)) | tail -n 1); \
 	if [ -f $(LM1B_RUN)/checkpoint.pt ]; then \
-		$(PY) -m lstm_moe.train --run $(LM1B_RUN) --resume --max_tokens=$(MAX_TOKENS) $(TRAIN_ARGS); \
+		$(TRAIN) --run $(LM1B_RUN) --resume --max_tokens=$(MAX_TOKENS) $(TRAIN_ARGS); \
 	else \
-		$(PY) -m lstm_moe.train --data $$data --run $(LM1B_RUN) --preset $(PRESET) \
+		$(TRAIN) --data $$data --run $(LM1B_RUN) --preset $(PRESET) \
 			--max_tokens=$(MAX_TOKENS) $(TRAIN_ARGS); \
 	fi
 	$(PY) -m eval.perplexity $(LM1B_RUN)

@@ -25,6 +25,7 @@ from data_prep.binarize import read_split
 from data_prep.vocab import EOS_ID
 from lstm_moe.checkpoint import load_trained_model
 from lstm_moe.data import LaneBatches
+from lstm_moe.distributed import Distributed
 from lstm_moe.lm import LanguageModel, detach_state
 from lstm_moe.runtime import resolve_device
 
@@ -37,9 +38,13 @@ def evaluate(
     max_windows: int | None = None,
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
+    ranks: Distributed | None = None,
 ) -> dict:
     """Exact negative log-likelihood over the windows of `batches` (all, or the first
-    `max_windows`). Returns nll, tokens, perplexity and per-MoE-layer routing statistics."""
+    `max_windows`). Returns nll, tokens, perplexity and per-MoE-layer routing statistics.
+
+    ranks: every rank evaluates its lanes of the same layout (batches.lanes) with its share of
+    the experts, and the sums are taken over ranks; the routing statistics already are."""
     was_training = model.training
     model.eval()
     n_windows = len(batches) if max_windows is None else min(max_windows, len(batches))
@@ -78,6 +83,9 @@ def evaluate(
                 dropped[layer] += float(result.stats.fraction_dropped)
     finally:
         model.train(was_training)
+    if ranks is not None and ranks.world_size > 1:
+        totals = ranks.sum(torch.tensor([nll_sum, n_tokens], dtype=torch.float64, device=device))
+        nll_sum, n_tokens = float(totals[0]), int(totals[1])
     mean_nll = nll_sum / max(n_tokens, 1)
     return {
         "nll_per_token": mean_nll,

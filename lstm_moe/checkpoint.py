@@ -4,14 +4,27 @@ A checkpoint is written to `<name>.tmp`, flushed to disk, then renamed over the 
 so at every instant the folder holds one complete checkpoint. Loading uses
 `torch.load(weights_only=True)`: only tensors and plain containers are accepted, so a checkpoint
 from elsewhere cannot run code. Configs are stored as plain dicts for the same reason.
+
+A run trained on W > 1 ranks (lstm_moe.distributed) stores its experts in W shards: every rank
+writes `experts-step{S}-rank{r}-of{W}.pt` (its expert tensors [E/W, ...], their Adam moments and
+its random state), then rank 0 writes `checkpoint.pt` (everything replicated, with
+`expert_shards: W`). A checkpoint is the `checkpoint.pt` plus the W shards of its step, which were
+written before it; shards of other steps are removed only after it. `load_run_checkpoint`
+reassembles the one-process state (expert tensors concatenated in rank order), which any number
+of ranks can then slice again.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
+
+from lstm_moe.moe.parallel import ParallelGroup, is_expert_tensor
+
+SHARD_NAME = re.compile(r"experts-step(\d+)-rank(\d+)-of(\d+)\.pt(\.tmp)?")
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
@@ -58,7 +71,7 @@ def load_trained_model(run_dir: Path, device: torch.device):
     model_config = config_from_dict(LMConfig, run_config["model"])
     data_dir = Path(run_config["data"]["path"])
     meta = read_meta(data_dir)
-    ckpt = load_checkpoint(run_dir / "checkpoint.pt")
+    ckpt = load_run_checkpoint(run_dir)
     if config_from_dict(LMConfig, ckpt["model_config"]) != model_config:
         raise ValueError(f"{run_dir}: config.json and checkpoint.pt describe different models")
     if ckpt["vocab_sha256"] != meta["vocab"]["sha256"]:
@@ -67,6 +80,74 @@ def load_trained_model(run_dir: Path, device: torch.device):
     model.load_state_dict(ckpt["model"])
     model.to(device).eval()
     return model, data_dir, meta, run_config, ckpt["step"], ckpt["tokens"]
+
+
+def shard_path(run_dir: Path, step: int, rank: int, world_size: int) -> Path:
+    return Path(run_dir) / f"experts-step{step}-rank{rank}-of{world_size}.pt"
+
+
+def remove_stale_shards(run_dir: Path, keep: set[Path]) -> None:
+    """Delete expert shards (and half-written ones) that are not in `keep`."""
+    for path in Path(run_dir).glob("experts-*"):
+        if SHARD_NAME.fullmatch(path.name) and path not in keep:
+            path.unlink(missing_ok=True)
+
+
+def load_run_checkpoint(run_dir: Path, map_location="cpu") -> dict:
+    """checkpoint.pt of a run folder with the one-process state, whatever the number of ranks
+    that saved it: "model" and "optimizer" hold full expert tensors [E, ...], and "rngs" the
+    random state of each saving rank (rank 0's is also "rng")."""
+    run_dir = Path(run_dir)
+    ckpt = load_checkpoint(run_dir / "checkpoint.pt", map_location)
+    world = ckpt.get("expert_shards")
+    if world is None:
+        ckpt["rngs"] = [ckpt["rng"]]
+        return ckpt
+    shards = []
+    for rank in range(world):
+        path = shard_path(run_dir, ckpt["step"], rank, world)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{run_dir}: checkpoint.pt of step {ckpt['step']} was saved by {world} ranks, "
+                f"but the expert shard {path.name} is missing"
+            )
+        shard = load_checkpoint(path, map_location)
+        if (shard["step"], shard["rank"], shard["world_size"]) != (ckpt["step"], rank, world):
+            raise ValueError(f"{path} does not belong to {run_dir}/checkpoint.pt")
+        shards.append(shard)
+    for name in shards[0]["model"]:
+        ckpt["model"][name] = torch.cat([s["model"][name] for s in shards])  # [E, ...]
+    for index, first in shards[0]["optimizer_state"].items():
+        ckpt["optimizer"]["state"][index] = {
+            key: torch.cat([s["optimizer_state"][index][key] for s in shards])
+            if value.dim() > 0
+            else value  # Adam's step count, the same on every rank
+            for key, value in first.items()
+        }
+    ckpt["rngs"] = [s["rng"] for s in shards]
+    return ckpt
+
+
+def expert_parameter_indices(model: torch.nn.Module) -> set[int]:
+    """Positions of the expert tensors among the trained parameters (the optimizer's ids)."""
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    return {i for i, name in enumerate(names) if is_expert_tensor(name)}
+
+
+def shard_optimizer_state(state: dict, expert_indices: set[int], group: ParallelGroup) -> dict:
+    """This rank's share of a one-process optimizer state dict: the moments of expert tensors
+    [E, ...] cut to this rank's experts, everything else kept."""
+    sharded = {}
+    for index, values in state["state"].items():
+        if index in expert_indices:
+            values = {
+                key: value[slice(*group.expert_range(value.shape[0]))].clone()
+                if value.dim() > 0
+                else value
+                for key, value in values.items()
+            }
+        sharded[index] = values
+    return {"state": sharded, "param_groups": state["param_groups"]}
 
 
 def rng_state() -> dict:

@@ -10,6 +10,9 @@ LSTM state carries from one window to the next within a lane.
 Training drops the < B tokens that do not fill a lane. Evaluation keeps every token: lanes are
 padded to equal length and a mask marks the real ones, so a perplexity counts each target once.
 Windows are read straight from the memmap, so a 3 GB split costs no memory.
+
+`lanes=(first, last)` serves only lanes [first, last) of that same layout: the share of one rank
+under data parallelism, so that W ranks together read exactly the tokens one process reads.
 """
 
 from __future__ import annotations
@@ -35,10 +38,19 @@ class Window:
 
 class LaneBatches:
     def __init__(
-        self, ids: np.ndarray, batch_size: int, bptt: int, eos_id: int, keep_remainder: bool
+        self,
+        ids: np.ndarray,
+        batch_size: int,
+        bptt: int,
+        eos_id: int,
+        keep_remainder: bool,
+        lanes: tuple[int, int] | None = None,
     ):
         if batch_size < 1 or bptt < 1:
             raise ValueError(f"batch_size and bptt must be >= 1, got {batch_size} and {bptt}")
+        self.lanes = (0, batch_size) if lanes is None else tuple(lanes)
+        if not 0 <= self.lanes[0] < self.lanes[1] <= batch_size:
+            raise ValueError(f"lanes {self.lanes} are not a range of [0, {batch_size})")
         self.ids, self.eos_id = ids, eos_id
         self.batch_size, self.bptt = batch_size, bptt
         n_targets = len(ids)
@@ -69,7 +81,7 @@ class LaneBatches:
             raise IndexError(f"window {index} out of range [0, {self.n_windows})")
         start = index * self.bptt
         steps = min(self.bptt, self.lane_length - start)
-        lane_start = np.arange(self.batch_size, dtype=np.int64) * self.lane_length  # [B]
+        lane_start = np.arange(*self.lanes, dtype=np.int64) * self.lane_length  # [lanes]
         positions = (
             lane_start[None, :] + start + np.arange(steps, dtype=np.int64)[:, None]
         )  # [T, B]

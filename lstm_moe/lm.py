@@ -15,6 +15,7 @@ import itertools
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from lstm_moe.config import LMConfig
@@ -52,11 +53,12 @@ class LSTMBlock(nn.Module):
 
 
 class MoEBlock(nn.Module):
-    """The sparsely-gated MoE layer applied to every position; sigmoid of its output (App. C.1)."""
+    """The sparsely-gated MoE layer applied to every position; sigmoid of its output (App. C.1).
+    process_group: the ranks the experts are spread over (lstm_moe.moe.parallel), or None."""
 
-    def __init__(self, config: LMConfig):
+    def __init__(self, config: LMConfig, process_group: dist.ProcessGroup | None = None):
         super().__init__()
-        self.moe = MoELayer.from_config(config.moe_config())
+        self.moe = MoELayer.from_config(config.moe_config(), process_group)
 
     def forward(self, x: Tensor) -> tuple[Tensor, MoEOutput]:
         result = self.moe(x)  # x: [T, B, D] routed as T·B tokens in one call
@@ -108,7 +110,10 @@ class LMOutput:
 
 
 class LanguageModel(nn.Module):
-    def __init__(self, config: LMConfig):
+    """process_group: expert parallelism over its ranks (§3.1): each rank holds its share of
+    every MoE layer's experts and a replica of everything else; None is one process."""
+
+    def __init__(self, config: LMConfig, process_group: dist.ProcessGroup | None = None):
         super().__init__()
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
@@ -118,7 +123,7 @@ class LanguageModel(nn.Module):
             if kind == "lstm":
                 blocks.append(LSTMBlock(config.d_model, config.lstm_hidden))
             elif kind == "moe":
-                blocks.append(MoEBlock(config))
+                blocks.append(MoEBlock(config, process_group))
             else:
                 blocks.append(FFNBlock(config.d_model, config.ffn_hidden))
         self.blocks = nn.ModuleList(blocks)

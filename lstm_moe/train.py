@@ -16,6 +16,20 @@ folder holds everything needed to resume or evaluate:
 Optimisation follows App. C.1: Adam; the learning rate rises linearly for `warmup_steps` (1000 in
 the paper) and then falls ∝ 1/√step; the weighted balancing losses are added to the loss.
 A resumed run continues exactly: its losses equal those of a run that was never interrupted.
+
+Started by `torchrun --nproc_per_node=W -m lstm_moe.train ...` it trains on W ranks, the
+experts sharded and everything else data-parallel (lstm_moe.distributed): the `batch_size`
+lanes are split evenly over the ranks, and the updates are those of one process on the same
+batch, up to the order of floating-point sums, when the run draws nothing at random per token
+(no dropout, no router noise, the full softmax). Dropout masks, router noise and sampled-softmax
+candidates are drawn by each rank for its own tokens from its own stream: the same
+distributions as one process, other draws. With a capacity_factor, an expert's capacity goes
+to ranks in rank order (lstm_moe.moe.parallel), not in one process's (time, lane) order; the
+default dropless layer has no such difference. Validation runs on every rank over its lanes of
+the validation layout and is summed, so it equals one process's. Rank 0 writes config.json,
+metrics.jsonl and checkpoint.pt; every rank writes its expert shard (lstm_moe.checkpoint), and
+a run resumes, or is evaluated, at any number of ranks that divides batch_size, the validation
+lanes and n_experts.
 """
 
 from __future__ import annotations
@@ -29,11 +43,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor
 from tqdm import tqdm
 
 from data_prep.binarize import read_meta, read_split
 from data_prep.vocab import EOS_ID
-from lstm_moe.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from lstm_moe.checkpoint import (
+    expert_parameter_indices,
+    load_run_checkpoint,
+    remove_stale_shards,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    shard_optimizer_state,
+    shard_path,
+)
 from lstm_moe.config import (
     LMConfig,
     apply_overrides,
@@ -42,7 +66,16 @@ from lstm_moe.config import (
     split_overrides,
 )
 from lstm_moe.data import LaneBatches
+from lstm_moe.distributed import (
+    Distributed,
+    clip_global_grad_norm,
+    fail,
+    rank_seed,
+    split_parameters,
+    sum_replicated_grads,
+)
 from lstm_moe.lm import LanguageModel, detach_state
+from lstm_moe.moe.parallel import ParallelGroup, is_expert_tensor, shard_state_dict
 from lstm_moe.presets import get_preset
 from lstm_moe.runtime import resolve_device
 
@@ -56,6 +89,8 @@ class TrainConfig:
     eval_every: steps between validations; eval_tokens: validation targets used each time
         (0 = the whole split). checkpoint_every: steps between checkpoints.
     bf16: on CUDA, run under bf16 autocast (the router and the softmax stay in float32).
+    dist_timeout: seconds a rank waits in a collective (on W > 1 ranks) before it gives up
+        with an error: a rank that died or hangs stops the others instead of blocking them.
     """
 
     batch_size: int = 32
@@ -76,6 +111,7 @@ class TrainConfig:
     device: str = "auto"
     bf16: bool = True
     threads: int | None = None
+    dist_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "bptt", "eval_every", "checkpoint_every", "log_every"):
@@ -95,6 +131,8 @@ class TrainConfig:
                 f"checkpoint_every ({self.checkpoint_every}) must be a multiple of log_every "
                 f"({self.log_every})"
             )
+        if self.dist_timeout <= 0:
+            raise ValueError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
         if self.lr <= 0 or self.warmup_steps < 0:
             raise ValueError(
                 f"lr must be > 0 and warmup_steps >= 0, got {self.lr}, {self.warmup_steps}"
@@ -119,6 +157,7 @@ RESUMABLE_FIELDS = frozenset(
         "device",
         "bf16",
         "threads",
+        "dist_timeout",
     }
 )
 
@@ -158,7 +197,10 @@ class Trainer:
         train_config: TrainConfig,
         data_dir: Path,
         preset: str | None = None,
+        ranks: Distributed | None = None,
     ):
+        self.ranks = Distributed() if ranks is None else ranks
+        world, rank = self.ranks.world_size, self.ranks.rank
         self.run_dir, self.data_dir = Path(run_dir), Path(data_dir)
         self.model_config, self.config, self.preset = model_config, train_config, preset
         self.meta = read_meta(self.data_dir)
@@ -169,13 +211,24 @@ class Trainer:
             )
         if train_config.threads:
             torch.set_num_threads(train_config.threads)
-        self.device = resolve_device(train_config.device)
+        self.device = self.ranks.device(resolve_device(train_config.device))
+        valid_lanes = min(train_config.batch_size, 16)
+        if train_config.batch_size % world or valid_lanes % world:
+            raise ValueError(
+                f"batch_size ({train_config.batch_size}) and the validation lanes "
+                f"(min(batch_size, 16) = {valid_lanes}) must be multiples of the number of "
+                f"ranks ({world})"
+            )
         self.autocast_dtype = autocast_dtype_for(self.device, train_config.bf16)
         self.softmax_is_sampled = (
             model_config.softmax == "sampled" and model_config.vocab_size > model_config.n_samples
         )
         torch.manual_seed(train_config.seed)
-        self.model = LanguageModel(model_config).to(self.device)
+        # Every rank draws the whole model from the same seed (experts sliced to its shard).
+        self.model = LanguageModel(model_config, self.ranks.process_group).to(self.device)
+        if rank > 0:
+            torch.manual_seed(rank_seed(train_config.seed, rank))
+        self.replicated, self.expert_params = split_parameters(self.model)
         self.optimizer = torch.optim.Adam(
             [p for p in self.model.parameters() if p.requires_grad],
             lr=train_config.lr,
@@ -190,20 +243,27 @@ class Trainer:
             train_config.bptt,
             EOS_ID,
             keep_remainder=False,
+            lanes=self._lanes(train_config.batch_size),
         )
         self.valid_batches = None
         if "valid" in self.meta["splits"]:
             self.valid_batches = LaneBatches(
                 read_split(self.data_dir, "valid", self.meta),
-                min(train_config.batch_size, 16),
+                valid_lanes,
                 50,
                 EOS_ID,
                 keep_remainder=True,
+                lanes=self._lanes(valid_lanes),
             )
         self.step = 0
         self.tokens = 0
         self.elapsed = 0.0
         self.state = None
+
+    def _lanes(self, batch_size: int) -> tuple[int, int]:
+        """This rank's lanes of a batch_size-lane layout."""
+        share = batch_size // self.ranks.world_size
+        return self.ranks.rank * share, (self.ranks.rank + 1) * share
 
     # ------------------------------------------------------------------ files
 
@@ -223,33 +283,78 @@ class Trainer:
         }
 
     def write_config(self) -> None:
+        if not self.ranks.is_main:
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.run_dir / "config.json.tmp"
         tmp.write_text(json.dumps(self.run_config(), indent=2) + "\n")
         tmp.replace(self.run_dir / "config.json")
 
+    def _full_lstm_state(self) -> list[list[Tensor]] | None:
+        """The LSTM state of all lanes, [1, B, D] per tensor, gathered in rank order."""
+        if not self.state:
+            return None
+        group = ParallelGroup(self.ranks.process_group)
+        return [
+            [torch.cat(list(group.gather(t)), dim=1) for t in layer]  # [W, 1, B/W, D] -> [1, B, D]
+            for layer in self.state
+        ]
+
     def save(self) -> None:
+        """checkpoint.pt; on W > 1 ranks, rank 0 writes the replicated state in it after every
+        rank has written its expert shard (lstm_moe.checkpoint)."""
+        ranks = self.ranks
+        model, optimizer = self.model.state_dict(), self.optimizer.state_dict()
+        payload = {
+            "model_config": config_to_dict(self.model_config),
+            "train_config": config_to_dict(self.config),
+            "vocab_sha256": self.meta["vocab"]["sha256"],
+            "data_recipe_id": self.meta.get("recipe_id"),
+            "model": model,
+            "optimizer": optimizer,
+            "schedule": self.schedule.state_dict(),
+            "rng": rng_state(),
+            "lstm_state": self._full_lstm_state(),
+            "step": self.step,
+            "tokens": self.tokens,
+            "elapsed": self.elapsed,
+        }
+        if ranks.world_size == 1:
+            save_checkpoint(self.checkpoint_path, payload)
+            remove_stale_shards(self.run_dir, keep=set())
+            return
+        experts = expert_parameter_indices(self.model)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         save_checkpoint(
-            self.checkpoint_path,
+            shard_path(self.run_dir, self.step, ranks.rank, ranks.world_size),
             {
-                "model_config": config_to_dict(self.model_config),
-                "train_config": config_to_dict(self.config),
-                "vocab_sha256": self.meta["vocab"]["sha256"],
-                "data_recipe_id": self.meta.get("recipe_id"),
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "schedule": self.schedule.state_dict(),
-                "rng": rng_state(),
-                "lstm_state": [list(s) for s in self.state] if self.state else None,
                 "step": self.step,
-                "tokens": self.tokens,
-                "elapsed": self.elapsed,
+                "rank": ranks.rank,
+                "world_size": ranks.world_size,
+                "model": {k: v for k, v in model.items() if is_expert_tensor(k)},
+                "optimizer_state": {i: v for i, v in optimizer["state"].items() if i in experts},
+                "rng": payload["rng"],
             },
         )
+        ranks.barrier()  # every shard is on disk before checkpoint.pt names them
+        if ranks.is_main:
+            payload["model"] = {k: v for k, v in model.items() if not is_expert_tensor(k)}
+            payload["optimizer"] = {
+                "state": {i: v for i, v in optimizer["state"].items() if i not in experts},
+                "param_groups": optimizer["param_groups"],
+            }
+            payload["expert_shards"] = ranks.world_size
+            save_checkpoint(self.checkpoint_path, payload)
+            keep = {
+                shard_path(self.run_dir, self.step, r, ranks.world_size)
+                for r in range(ranks.world_size)
+            }
+            remove_stale_shards(self.run_dir, keep)
+        ranks.barrier()  # no rank writes the next shards while old ones are removed
 
     def restore(self) -> None:
         # Loaded to the CPU: RNG states must stay there; load_state_dict copies the rest.
-        ckpt = load_checkpoint(self.checkpoint_path, map_location="cpu")
+        ckpt = load_run_checkpoint(self.run_dir, map_location="cpu")
         saved = config_from_dict(LMConfig, ckpt["model_config"])
         if saved != self.model_config:
             raise ValueError(
@@ -278,19 +383,30 @@ class Trainer:
                 f"is not the one {self.checkpoint_path} was trained with "
                 f"({ckpt['vocab_sha256'][:12]})"
             )
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        # The one-process state, cut to this rank's experts and lanes: any number of ranks.
+        group = ParallelGroup(self.ranks.process_group)
+        self.model.load_state_dict(shard_state_dict(ckpt["model"], group))
+        experts = expert_parameter_indices(self.model)
+        self.optimizer.load_state_dict(shard_optimizer_state(ckpt["optimizer"], experts, group))
         self.schedule.load_state_dict(ckpt["schedule"])
-        set_rng_state(ckpt["rng"])
+        rank, rngs = self.ranks.rank, ckpt["rngs"]
+        if len(rngs) == self.ranks.world_size or rank == 0:
+            set_rng_state(rngs[rank])
+        else:  # another number of ranks: a fresh stream of this rank's own
+            torch.manual_seed(rank_seed(self.config.seed + ckpt["step"], rank))
         if ckpt["lstm_state"]:
-            self.state = [(h.to(self.device), c.to(self.device)) for h, c in ckpt["lstm_state"]]
+            first, last = self._lanes(self.config.batch_size)
+            self.state = [
+                (h[:, first:last].to(self.device), c[:, first:last].to(self.device))
+                for h, c in ckpt["lstm_state"]
+            ]
         self.step, self.tokens, self.elapsed = ckpt["step"], ckpt["tokens"], ckpt["elapsed"]
         self._truncate_metrics(self.step)
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop metrics logged after the checkpoint, so a resumed log has no duplicates."""
         path = self.run_dir / "metrics.jsonl"
-        if not path.exists():
+        if not self.ranks.is_main or not path.exists():
             return
         kept = []
         for line in path.read_text().splitlines():
@@ -306,10 +422,15 @@ class Trainer:
 
     def start_fresh(self) -> None:
         """A new run: remove what an earlier attempt killed before its first checkpoint left."""
+        if not self.ranks.is_main:
+            return
+        remove_stale_shards(self.run_dir, keep=set())
         for name in ("metrics.jsonl", "checkpoint.pt.tmp", "eval/perplexity.json"):
             (self.run_dir / name).unlink(missing_ok=True)
 
     def log(self, entry: dict) -> None:
+        if not self.ranks.is_main:
+            return
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(entry) + "\n")
 
@@ -341,18 +462,36 @@ class Trainer:
             self.device.type, self.autocast_dtype, enabled=self.autocast_dtype is not None
         ):
             out = self.model(inputs, self.state)
-        nll = self.model.nll(out.hidden, targets, sampled=True).mean()
-        loss = nll + out.aux_loss
+        world = self.ranks.world_size
+        if world == 1:
+            nll = self.model.nll(out.hidden, targets, sampled=True).mean()
+            loss = nll + out.aux_loss
+        else:
+            # Σ_r loss_r is the one-process loss: the global mean NLL plus the aux loss
+            # (which is already that of the global batch, on every rank).
+            nll_per_token = self.model.nll(out.hidden, targets, sampled=True)  # [T·B/W]
+            global_tokens = nll_per_token.numel() * world
+            loss = nll_per_token.sum() / global_tokens + out.aux_loss / world
+            nll = self.ranks.sum(nll_per_token.detach().sum()) / global_tokens
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for p in self.model.parameters() if p.requires_grad], self.config.grad_clip
-        )
+        if world == 1:
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.requires_grad], self.config.grad_clip
+            )
+        else:
+            for p in self.expert_params:  # a shard no token reached: zeros, as in one process
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            sum_replicated_grads(self.replicated, self.ranks)
+            grad_norm = clip_global_grad_norm(
+                self.replicated, self.expert_params, self.config.grad_clip, self.ranks
+            )
         self.optimizer.step()
         self.schedule.step()
         self.state = detach_state(out.state)
         self.step += 1
-        self.tokens += targets.numel()
+        self.tokens += targets.numel() * world
         stats = {
             "loss": float(nll.detach()),  # the sampled estimate when the softmax is sampled
             "aux_loss": float(out.aux_loss.detach()),
@@ -372,12 +511,14 @@ class Trainer:
 
         if self.valid_batches is None:
             return None
-        tokens_per_window = self.valid_batches.batch_size * self.valid_batches.bptt
+        tokens_per_window = self.valid_batches.batch_size * self.valid_batches.bptt  # all ranks
         max_windows = None
         if self.config.eval_tokens:
             max_windows = max(1, math.ceil(self.config.eval_tokens / tokens_per_window))
         rng = rng_state()  # validation must not change the training's random stream
-        result = evaluate(self.model, self.valid_batches, self.device, max_windows)
+        result = evaluate(
+            self.model, self.valid_batches, self.device, max_windows, ranks=self.ranks
+        )
         set_rng_state(rng)
         entry = {
             "kind": "valid",
@@ -407,7 +548,7 @@ class Trainer:
             initial=self.step,
             desc=self.run_dir.name,
             unit="step",
-            disable=not progress,
+            disable=not progress or not self.ranks.is_main,
             dynamic_ncols=True,
         )
         try:
@@ -415,6 +556,8 @@ class Trainer:
                 step_start = time.perf_counter()
                 stats = self.train_step()
                 self.elapsed += time.perf_counter() - step_start
+                if self.config.max_seconds is not None:
+                    self.elapsed = self.ranks.broadcast_float(self.elapsed)  # all stop together
                 window_stats.append(stats)
                 window_tokens += self.config.tokens_per_step
                 if self.step % self.config.log_every == 0 or self.budget_reached():
@@ -469,9 +612,7 @@ def build_trainer(args: argparse.Namespace, overrides: dict[str, str]) -> Traine
             config_from_dict(TrainConfig, saved["train"]), train_overrides
         )
         data_dir = args.data or Path(saved["data"]["path"])
-        trainer = Trainer(run_dir, model_config, train_config, data_dir, saved.get("preset"))
-        trainer.restore()
-        return trainer
+        return _start(run_dir, model_config, train_config, data_dir, saved.get("preset"), True)
     if (run_dir / "checkpoint.pt").exists():
         raise FileExistsError(
             f"{run_dir} already holds a checkpoint: pass --resume to continue it, or choose "
@@ -491,13 +632,35 @@ def build_trainer(args: argparse.Namespace, overrides: dict[str, str]) -> Traine
         and train_config.max_seconds is None
     ):
         raise ValueError("set a budget: --max_steps=N, --max_tokens=N or --max_seconds=S")
-    trainer = Trainer(run_dir, model_config, train_config, args.data, args.preset)
-    trainer.start_fresh()
+    return _start(run_dir, model_config, train_config, args.data, args.preset, False)
+
+
+def _start(
+    run_dir: Path,
+    model_config: LMConfig,
+    train_config: TrainConfig,
+    data_dir: Path,
+    preset: str | None,
+    resume: bool,
+) -> Trainer:
+    """Join the other ranks (when torchrun started several) and build the trainer."""
+    ranks = Distributed.from_env(resolve_device(train_config.device), train_config.dist_timeout)
+    try:
+        trainer = Trainer(run_dir, model_config, train_config, data_dir, preset, ranks)
+        if resume:
+            trainer.restore()
+        else:
+            trainer.start_fresh()
+    except BaseException:
+        ranks.close()
+        raise
     return trainer
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--"]:  # `torchrun -m lstm_moe.train -- ARGS` (some Pythons keep the --)
+        argv = argv[1:]
     parser = argparse.ArgumentParser(
         prog="python -m lstm_moe.train",
         description=__doc__.split("\n\n")[0],
@@ -523,21 +686,31 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError, KeyError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    model = trainer.model
-    print(
+    model, ranks = trainer.model, trainer.ranks
+    ranks.print(
         f"{args.run}: {model.ops_per_timestep() / 1e6:.2f}M ops/timestep, "
         f"{model.params_excluding_embedding_softmax() / 1e6:.2f}M params excl. embedding and "
         f"softmax, {model.total_params() / 1e6:.1f}M total, on {trainer.device}"
+        + (f", {ranks.world_size} ranks" if ranks.world_size > 1 else "")
         + (f", resuming at step {trainer.step}" if args.resume else ""),
         file=sys.stderr,
     )
-    last = trainer.fit(progress=not args.quiet)
+    try:
+        last = trainer.fit(progress=not args.quiet)
+    except RuntimeError as error:
+        if ranks.world_size == 1:
+            raise
+        # A collective raised (a peer closed its connection) or timed out (a peer hangs).
+        # The group cannot be shut down cleanly with a rank missing; the process exit frees it.
+        fail(ranks, error)
+        return 1
+    ranks.close()
     if last:
-        print(
+        ranks.print(
             f"valid perplexity {last['valid_ppl']:.2f} after {trainer.tokens} tokens",
             file=sys.stderr,
         )
-    print(f"wrote {args.run}")
+    ranks.print(f"wrote {args.run}")
     return 0
 
 
