@@ -5,7 +5,9 @@ importance sampling similarly to the models in (Jozefowicz et al., 2016)", App. 
 Sampled softmax: per training step, S candidate words are drawn (with replacement) from a
 log-uniform proposal over the frequency-ranked vocabulary, Q(c) = log((c+2)/(c+1)) / log(V+1)
 (data_prep.vocab assigns ids by decreasing frequency, so this is a Zipf-shaped guess of the
-unigram distribution). Each row's loss is a softmax over {its target} ∪ {candidates}, with every
+unigram distribution). `<S>` (id 0) is never a target but stays in the proposal: its samples
+are what teach the model to give it no mass, which the exact softmax of evaluation counts. Each
+row's loss is a softmax over {its target} ∪ {candidates}, with every
 logit corrected by -log(S·Q(c)) (the expected number of times c was drawn), and candidates equal
 to the target removed ("accidental hits"). This is an estimate of the full softmax's gradient
 whose bias falls as S grows; evaluation never uses it.
