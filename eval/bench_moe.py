@@ -374,6 +374,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def write_report(report: dict, table: str, json_path: Path | None, markdown_path: Path | None):
+    """Write a benchmark's report as JSON and its table as markdown, where paths are given."""
+    for path, text in ((json_path, json.dumps(report, indent=2)), (markdown_path, table)):
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text + "\n")
+            print(f"wrote {path}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
@@ -384,11 +393,7 @@ def main(argv=None) -> int:
     table = markdown_table(report)
     print()
     print(table)
-    for path, text in ((args.json, json.dumps(report, indent=2)), (args.markdown, table)):
-        if path:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text + "\n")
-            print(f"wrote {path}")
+    write_report(report, table, args.json, args.markdown)
     failed = [r for r in report["rows"] if r["moe_ms"] is None]
     return 1 if failed else 0
 

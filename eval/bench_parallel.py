@@ -52,6 +52,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from eval.bench_moe import write_report
 from lstm_moe.moe import MoELayer
 from lstm_moe.runtime import enable_cpu_hugepages
 
@@ -402,11 +403,7 @@ def main(argv=None) -> int:
     table = markdown_table(report)
     print()
     print(table)
-    for path, text in ((args.json, json.dumps(report, indent=2)), (args.markdown, table)):
-        if path:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text + "\n")
-            print(f"wrote {path}")
+    write_report(report, table, args.json, args.markdown)
     return 1 if any(row.get("failed") for row in report["rows"]) else 0
 
 
