@@ -108,12 +108,22 @@ def write_split(path: Path, sentences: Iterable[list[int]], dtype: np.dtype, eos
     return writer.close()
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file so that it is either absent, the old one, or complete: write
+    `<name>.tmp`, then rename it over `path`. Every small output of the project goes this way."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def write_json_atomic(path: Path, data) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
 def write_meta(folder: Path, meta: dict) -> None:
     """Atomically write meta.json (the marker of a complete dataset)."""
-    folder = Path(folder)
-    tmp = folder / "meta.json.tmp"
-    tmp.write_text(json.dumps({"format": FORMAT, **meta}, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(folder / "meta.json")
+    write_json_atomic(Path(folder) / "meta.json", {"format": FORMAT, **meta})
 
 
 def read_meta(folder: Path) -> dict:

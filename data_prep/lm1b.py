@@ -79,7 +79,15 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
-from data_prep.binarize import SPLITS, SplitWriter, is_prepared, recipe_id, token_dtype, write_meta
+from data_prep.binarize import (
+    SPLITS,
+    SplitWriter,
+    is_prepared,
+    recipe_id,
+    token_dtype,
+    write_meta,
+    write_text_atomic,
+)
 from data_prep.download import (
     DownloadError,
     NetworkUnavailable,
@@ -446,9 +454,7 @@ def _write_latest(out: Path, folder: Path) -> None:
     latest = out / "lm1b-latest"
     text = folder.name + "\n"
     if not latest.is_file() or latest.read_text(encoding="utf-8") != text:
-        tmp = latest.with_name(latest.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(latest)
+        write_text_atomic(latest, text)
 
 
 def prepare_lm1b(

@@ -93,13 +93,11 @@ class Vocabulary:
 
     def save(self, path: Path) -> str:
         """Write `vocab.txt` atomically; returns its sha256."""
+        from data_prep.binarize import write_text_atomic
+
         text = "".join(f"{w}\t{c}\n" for w, c in zip(self.words, self.counts, strict=True))
-        data = text.encode("utf-8")
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)
-        return hashlib.sha256(data).hexdigest()
+        write_text_atomic(path, text)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
     @classmethod
     def load(cls, path: Path) -> Vocabulary:

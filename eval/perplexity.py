@@ -12,7 +12,6 @@ softmax, whatever the model trained with.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from data_prep.binarize import read_split
+from data_prep.binarize import read_split, write_json_atomic
 from data_prep.vocab import EOS_ID
 from lstm_moe.checkpoint import load_trained_model
 from lstm_moe.data import LaneBatches
@@ -159,9 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.split != "test":
         out = args.run / "eval" / f"perplexity-{args.split}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out)
+    write_json_atomic(out, result)
     print(f"{args.split} perplexity {result['perplexity']:.2f} over {result['tokens']} tokens")
     print(f"wrote {out}")
     return 0

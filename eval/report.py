@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+from data_prep.binarize import write_json_atomic, write_text_atomic
+
 
 def read_run(run: Path) -> dict:
     """Everything the report needs from one run folder."""
@@ -160,7 +162,7 @@ def write_report(runs: list[Path], out: Path, title: str) -> dict:
     (out / "valid_perplexity.png.tmp").replace(out / "valid_perplexity.png")
     text = markdown(rows, title, floor)
     text += f"\nLowest test perplexity: **{best['name']}** ({best['test_perplexity']:.2f}).\n"
-    _write_atomic(out / "report.md", text)
+    write_text_atomic(out / "report.md", text)
     summary = {
         "title": title,
         "entropy_floor_perplexity": floor["perplexity"] if floor else None,
@@ -180,14 +182,8 @@ def write_report(runs: list[Path], out: Path, title: str) -> dict:
         ],
     }
     summary["best"] = best["name"]
-    _write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")  # written last
+    write_json_atomic(out / "summary.json", summary)  # written last
     return summary
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:

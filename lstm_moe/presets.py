@@ -14,12 +14,12 @@ Sizes are counted on the "meta" device, so even MoE-4096-h (4.3 B parameters) co
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
 import torch
 
+from data_prep.binarize import write_json_atomic
 from lstm_moe.config import LMConfig
 
 _MOE = ("lstm", "moe", "lstm")
@@ -135,9 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_name(args.json.name + ".tmp")
-        tmp.write_text(json.dumps({"presets": rows}, indent=2) + "\n")
-        tmp.replace(args.json)
+        write_json_atomic(args.json, {"presets": rows})
         print(f"wrote {args.json}")
     return 0
 

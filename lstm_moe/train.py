@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from data_prep.binarize import read_meta, read_split
+from data_prep.binarize import read_meta, read_split, write_json_atomic, write_text_atomic
 from data_prep.vocab import EOS_ID
 from lstm_moe.checkpoint import (
     expert_parameter_indices,
@@ -286,9 +286,7 @@ class Trainer:
         if not self.ranks.is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.run_dir / "config.json.tmp"
-        tmp.write_text(json.dumps(self.run_config(), indent=2) + "\n")
-        tmp.replace(self.run_dir / "config.json")
+        write_json_atomic(self.run_dir / "config.json", self.run_config())
 
     def _full_lstm_state(self) -> list[list[Tensor]] | None:
         """The LSTM state of all lanes, [1, B, D] per tensor, gathered in rank order."""
@@ -416,9 +414,7 @@ class Trainer:
                 continue  # a line cut short by a kill
             if entry.get("step", 0) <= step:
                 kept.append(line)
-        tmp = path.with_name("metrics.jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(path)
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
 
     def start_fresh(self) -> None:
         """A new run: remove what an earlier attempt killed before its first checkpoint left."""
