@@ -19,7 +19,8 @@ class DispatchPlan:
     """Where each kept (token, slot) pair goes, in expert-contiguous order.
 
     pair_index: [N] int64, flat index t·K + slot of each kept pair, sorted by expert and, within
-        an expert, by token order (so capacity keeps the earliest tokens of the batch).
+        an expert, in priority order: token order (t, slot), or with slot priority
+        (slot, t); capacity keeps the first pairs in that order.
     token_index: [N] int64, the token of each kept pair.
     rows_per_expert: [E] int64, rows each expert computes (after capacity).
     routed_per_expert: [E] int64, pairs routed to each expert (before capacity).
@@ -47,17 +48,29 @@ def expert_capacity(n_tokens: int, k: int, n_experts: int, capacity_factor: floa
 
 
 def plan_dispatch(
-    expert_index: Tensor, n_experts: int, capacity: int | Tensor | None = None
+    expert_index: Tensor,
+    n_experts: int,
+    capacity: int | Tensor | None = None,
+    slot_priority: bool = False,
 ) -> DispatchPlan:
     """Stable-sort the (token, slot) pairs by expert and apply a per-expert capacity.
 
     expert_index: [T, K] int64, -1 for an unused slot. capacity: rows per expert (an int for
     every expert, or [E] int64, one each: what expert parallelism leaves to this rank), or None
-    for dropless. Pairs past an expert's capacity are dropped in token order; their tokens get
-    no output from that expert (the residual connection around the layer carries them).
+    for dropless. Pairs past an expert's capacity are dropped; their tokens get no output from
+    that expert (the residual connection around the layer carries them). Which pairs come first:
+    token order (t, slot), the batch order of the 2017 layer; or with slot_priority, every
+    token's first choice before any token's second choice (slot, t), as GShard's top-2 gate
+    gives its second choices only the capacity the first choices left.
     """
     n_tokens, slots = expert_index.shape
-    flat_expert = expert_index.reshape(-1)  # [P]
+    if slot_priority:
+        # Sort the pairs in (slot, t) order; pair_of_position maps back to t·K + slot.
+        flat_expert = expert_index.t().reshape(-1)  # [P]
+        pair_of_position = torch.arange(n_tokens * slots, device=expert_index.device)
+        pair_of_position = pair_of_position.view(n_tokens, slots).t().reshape(-1)  # [P]
+    else:
+        flat_expert = expert_index.reshape(-1)  # [P]
     # Unused slots go to a sentinel bucket E, which sorts last and is never computed.
     flat_expert = torch.where(flat_expert < 0, n_experts, flat_expert)
     sorted_expert, order = torch.sort(flat_expert, stable=True)  # [P], [P]
@@ -73,6 +86,8 @@ def plan_dispatch(
         keep = (sorted_expert < n_experts) & (rank_in_expert < limit)  # [P]
         rows = routed.clamp(max=capacity)
     pair_index = order[keep]  # [N]
+    if slot_priority:
+        pair_index = pair_of_position[pair_index]
     return DispatchPlan(
         pair_index=pair_index,
         token_index=torch.div(pair_index, slots, rounding_mode="floor"),

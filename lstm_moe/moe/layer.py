@@ -174,7 +174,9 @@ class MoELayer(nn.Module):
     `MoELayer(d_model, n_experts, expert_hidden, k, router="noisy_topk", **options)` with the
     options of MoEConfig, or `MoELayer.from_config(config)`. A router module may be passed
     instead of a name; it must map (x[T, D], group=ParallelGroup | None) to a Routing over
-    n_experts, with its importance, load and losses over the batch of all ranks of the group.
+    n_experts, with its importance, load and losses over the batch of all ranks of the group;
+    k is then the router's experts per token (it sizes the capacity), and the config's other
+    routing fields do not apply. switch.SwitchRouter is such a module.
 
     process_group: expert parallelism over the ranks of a torch.distributed group (parallel.py):
     this rank holds experts [r·E/W, (r+1)·E/W) and routes its own tokens; every rank calls the
@@ -197,7 +199,17 @@ class MoELayer(nn.Module):
         self.config = MoEConfig(d_model, n_experts, expert_hidden, k, router_name, **options)
         self.group = ParallelGroup(process_group)
         first, last = self.group.expert_range(n_experts)
-        self.router = build_router(self.config) if isinstance(router, str) else router
+        if isinstance(router, str):
+            self.router = build_router(self.config)
+        else:
+            expected = {"n_experts": n_experts, "experts_per_token": k}
+            for name, value in expected.items():
+                if getattr(router, name, value) != value:
+                    raise ValueError(
+                        f"the router's {name} ({getattr(router, name)}) must equal the layer's "
+                        f"({value})"
+                    )
+            self.router = router
         # All E experts are drawn from the seed on every rank, then cut to this rank's shard,
         # so that any number of ranks starts from the same model as one process.
         self.experts = BatchedExperts(n_experts, d_model, expert_hidden, self.config.expert_bias)
@@ -229,18 +241,20 @@ class MoELayer(nn.Module):
             raise ValueError(f"input width (last dim) must be d_model={d_model}, got {x.shape[-1]}")
         tokens = x.reshape(-1, d_model)  # [T, D]
         routing = self.router(tokens, group=self.group)
-        output, dispatch = self.mix_experts(tokens, routing.expert_index, routing.gates)
+        output, dispatch = self.mix_experts(
+            tokens, routing.expert_index, routing.gates, routing.slot_priority
+        )
         stats = _routing_stats(routing, dispatch.rows_per_expert, dispatch.routed_per_expert)
         output = output.view(*x.shape[:-1], d_model)
         return MoEOutput(output, routing.aux_loss, routing.losses, stats)
 
     def mix_experts(
-        self, tokens: Tensor, expert_index: Tensor, gates: Tensor
+        self, tokens: Tensor, expert_index: Tensor, gates: Tensor, slot_priority: bool = False
     ) -> tuple[Tensor, ExpertDispatch]:
         """Σ_slot gates · expert(token) for a given routing: dispatch, experts, combine.
 
-        tokens: [T, D]; expert_index (global expert ids), gates: [T, K].
-        Returns ([T, D], what the dispatch did over the batch of all ranks).
+        tokens: [T, D]; expert_index (global expert ids), gates: [T, K]; slot_priority: see
+        Routing. Returns ([T, D], what the dispatch did over the batch of all ranks).
         """
         return parallel.mix_experts(
             tokens,
@@ -251,4 +265,5 @@ class MoELayer(nn.Module):
             self.group,
             self.config.capacity_factor,
             self.config.experts_per_token,
+            slot_priority,
         )

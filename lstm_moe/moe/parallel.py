@@ -8,8 +8,9 @@ Rank r of W holds the contiguous block of experts [r·L, (r+1)·L), L = E / W. O
 
 1. each rank counts its pairs per expert; one all-gather gives every rank the counts of every
    rank, [W, E], and the number of tokens of the global batch;
-2. the capacity, computed from the global token count, is handed out to ranks in rank order,
-   so the pairs kept are exactly those one process keeps on the concatenated batch
+2. the capacity, computed from the global token count, is handed out to ranks in rank order
+   (under slot priority: first choices of every rank, then second choices, ...), so the pairs
+   kept are exactly those one process keeps on the concatenated batch
    [rank 0's tokens; rank 1's tokens; ...]; dropped pairs are never sent;
 3. the dispatcher sorts this rank's kept pairs by expert, which makes the rows for each
    destination rank contiguous, and an all-to-all with unequal split sizes sends them;
@@ -176,14 +177,22 @@ class ExpertDispatch:
 def share_capacity(routed: Tensor, capacity: int | None) -> Tensor:
     """Pairs each rank keeps for each expert: [W, E] int64.
 
-    routed: [W, E] pairs each rank routed to each expert. An expert's capacity is handed out to
-    ranks in rank order, as one process on the concatenated batch gives it to the earliest
-    tokens; None (dropless) keeps every pair.
+    routed: [W, E] pairs each rank routed to each expert, or [W, C, E] split into priority
+    classes (slots, under slot priority), every class before the next. An expert's capacity is
+    handed out class by class and, within a class, to ranks in rank order, as one process on
+    the concatenated batch [rank 0's tokens; rank 1's; ...] gives it to the earliest pairs;
+    None (dropless) keeps every pair. What a rank keeps is a prefix of its own pairs in the
+    same order (a later class gets capacity only once every rank's earlier classes fit).
     """
     if capacity is None:
-        return routed
-    before = routed.cumsum(0) - routed  # [W, E] pairs of the ranks before
-    return (capacity - before).clamp(min=0).minimum(routed)
+        return routed if routed.dim() == 2 else routed.sum(1)
+    if routed.dim() == 2:
+        routed = routed.unsqueeze(1)  # one class
+    world, classes, n_experts = routed.shape
+    in_order = routed.transpose(0, 1).reshape(classes * world, n_experts)  # [C*W, E]
+    before = in_order.cumsum(0) - in_order  # [C*W, E] pairs that come first
+    kept = (capacity - before).clamp(min=0).minimum(in_order)
+    return kept.view(classes, world, n_experts).sum(0)
 
 
 def _expert_major_order(from_each: Tensor) -> Tensor | None:
@@ -198,11 +207,17 @@ def _expert_major_order(from_each: Tensor) -> Tensor | None:
     return torch.argsort(expert_of_row, stable=True)
 
 
-def _routed_counts(expert_index: Tensor, n_experts: int) -> Tensor:
-    """[E] int64 pairs routed to each expert; slots marked -1 are not counted."""
-    flat = expert_index.reshape(-1)
-    flat = torch.where(flat < 0, n_experts, flat)  # unused slots go to a bucket past the end
-    return torch.bincount(flat, minlength=n_experts + 1)[:n_experts]
+def _routed_counts(expert_index: Tensor, n_experts: int, per_slot: bool) -> Tensor:
+    """[C, E] int64 pairs routed to each expert, C = K slots if per_slot else 1; slots marked
+    -1 are not counted."""
+    flat = torch.where(expert_index < 0, n_experts, expert_index)  # [T, K], unused past the end
+    if per_slot:
+        slots = expert_index.shape[1]
+        offsets = torch.arange(slots, device=flat.device) * (n_experts + 1)  # [K]
+        flat = flat + offsets
+        counts = torch.bincount(flat.reshape(-1), minlength=slots * (n_experts + 1))
+        return counts.view(slots, n_experts + 1)[:, :n_experts]
+    return torch.bincount(flat.reshape(-1), minlength=n_experts + 1)[:n_experts].unsqueeze(0)
 
 
 def mix_experts(
@@ -214,6 +229,7 @@ def mix_experts(
     group: ParallelGroup,
     capacity_factor: float | None = None,
     experts_per_token: int = 1,
+    slot_priority: bool = False,
 ) -> tuple[Tensor, ExpertDispatch]:
     """Σ_slot gates · expert(token) (Eq. 1) for this rank's tokens, the experts spread over the
     ranks of `group` (see the module docstring for the steps).
@@ -222,20 +238,25 @@ def mix_experts(
     gates: [T, K]. experts: this rank's L experts, called as experts(rows [M, D] sorted by
     expert, rows_per_expert [L]) -> [M, D]. capacity_factor: None for dropless, else each
     expert takes at most expert_capacity(global tokens, experts_per_token, E, capacity_factor)
-    rows. Returns ([T, D], ExpertDispatch). Every rank of the group must call it together.
+    rows. slot_priority: capacity goes to every token's first choice before any second choice
+    (plan_dispatch); K must then be the same on every rank. Returns ([T, D], ExpertDispatch).
+    Every rank of the group must call it together.
     """
     world, rank = group.world_size, group.rank
     first, last = group.expert_range(n_experts)
     n_tokens = tokens.shape[0]
-    routed = _routed_counts(expert_index, n_experts)  # [E]
-    counts = group.gather(torch.cat([routed, routed.new_tensor([n_tokens])]))  # [W, E+1]
-    routed_all = counts[:, :n_experts]  # [W, E]
-    total_tokens = n_tokens if world == 1 else int(counts[:, n_experts].sum())
+    routed = _routed_counts(expert_index, n_experts, slot_priority)  # [C, E]
+    classes = routed.shape[0]
+    counts = group.gather(torch.cat([routed.reshape(-1), routed.new_tensor([n_tokens])]))
+    routed_all = counts[:, :-1].view(world, classes, n_experts)  # [W, C, E]
+    total_tokens = n_tokens if world == 1 else int(counts[:, -1].sum())
     capacity = None
     if capacity_factor is not None:
         capacity = expert_capacity(total_tokens, experts_per_token, n_experts, capacity_factor)
     kept_all = share_capacity(routed_all, capacity)  # [W, E]
-    plan = plan_dispatch(expert_index, n_experts, None if capacity is None else kept_all[rank])
+    plan = plan_dispatch(
+        expert_index, n_experts, None if capacity is None else kept_all[rank], slot_priority
+    )
 
     blocks = kept_all.view(world, world, last - first)  # [source, destination, local expert]
     send_counts = blocks[rank].sum(-1)  # [W]
@@ -250,7 +271,7 @@ def mix_experts(
         expert_out = expert_out.new_zeros(expert_out.shape).index_copy(0, order, expert_out)
     returned = group.all_to_all(expert_out, recv_counts, send_counts)  # [N, D], plan order
     output = combine_rows(returned, gates, plan)  # [T, D]
-    return output, ExpertDispatch(plan, kept_all.sum(0), routed_all.sum(0), total_tokens)
+    return output, ExpertDispatch(plan, kept_all.sum(0), routed_all.sum((0, 1)), total_tokens)
 
 
 def is_expert_tensor(name: str) -> bool:

@@ -31,6 +31,8 @@ class Routing:
         number of tokens assigned to each expert.
     losses: unweighted auxiliary losses by name ("importance", "load", ...).
     aux_loss: their weighted sum, the term added to the training objective.
+    slot_priority: under a capacity, every token's first choice claims its expert before any
+        second choice (GShard's top-2 policy); False keeps pairs in token order (plan_dispatch).
     """
 
     expert_index: Tensor
@@ -40,6 +42,7 @@ class Routing:
     losses: dict[str, Tensor]
     aux_loss: Tensor
     extra_stats: dict[str, Tensor] = field(default_factory=dict)
+    slot_priority: bool = False
 
 
 @dataclass

@@ -12,12 +12,13 @@ Objective: each rank minimises (output · projection).sum() + aux_loss over its 
 the single-process equivalent is the sum over ranks, (output · projection).sum() + W·aux_loss;
 router gradients are summed over ranks before they are compared (parallel.py, "Gradients").
 
-Noise: a rank draws noise for its own tokens only. In the workers torch.randn_like is replaced
-by a function returning rows of one tensor drawn for the global batch, so each rank's noise is
-the rows of the single-process noise that belong to its tokens (flat noisy top-k). The
-hierarchical gate's secondary draw is over (token, group) pairs whose global order a rank does
-not know, so in training mode it is checked with zero noise: the smooth Load estimator of
-Eq. 9-10 and the gradients of W_noise still run, only the random perturbation is absent.
+Noise: a rank draws noise for its own tokens only. In the workers torch.randn_like (noisy
+top-k) and torch.rand_like (the Switch router's input jitter) are replaced by functions
+returning rows of one tensor drawn for the global batch, so each rank's noise is the rows of
+the single-process noise that belong to its tokens. The hierarchical gate's secondary draw is
+over (token, group) pairs whose global order a rank does not know, so in training mode it is
+checked with zero noise: the smooth Load estimator of Eq. 9-10 and the gradients of W_noise
+still run, only the random perturbation is absent.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from lstm_moe.moe import (
 )
 from lstm_moe.moe.experts import BatchedExperts
 from lstm_moe.moe.parallel import _expert_major_order
+from switch import SwitchRouter
 
 D, H = 12, 16  # rows of 48 and 64 bytes: float32 takes the grouped kernel
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -56,6 +58,9 @@ CASES = {
         n_experts=8, k=1, router="hierarchical", n_groups=4, k_groups=2, expert_bias=True
     ),
     "batchwise": dict(n_experts=8, k=2, router="batchwise"),
+    # switch/'s router: top-1 (token order) and top-2 (capacity to first choices first).
+    "switch_top1": dict(n_experts=8, k=1, router="switch"),
+    "switch_top2": dict(n_experts=8, k=2, router="switch"),
 }
 CAPACITY_FACTORS = (None, 0.5)
 
@@ -64,12 +69,15 @@ def make_layer(case: str, capacity_factor, process_group=None) -> MoELayer:
     """The same model at every world size: same seed, all experts drawn, then sliced."""
     torch.manual_seed(0)
     options = dict(CASES[case])
+    n_experts, k, router = options.pop("n_experts"), options.pop("k"), options.pop("router")
+    if router == "switch":
+        router = SwitchRouter(D, n_experts, k, w_z=1e-2, jitter_eps=0.3)
     layer = MoELayer(
         D,
-        options.pop("n_experts"),
+        n_experts,
         H,
-        options.pop("k"),
-        options.pop("router"),
+        k,
+        router,
         capacity_factor=capacity_factor,
         process_group=process_group,
         **options,
@@ -83,20 +91,25 @@ def make_layer(case: str, capacity_factor, process_group=None) -> MoELayer:
 
 @contextlib.contextmanager
 def noise_from(noise: torch.Tensor | None, first_row: int):
-    """torch.randn_like returns rows [first_row, first_row + R) of `noise` (zeros if None)."""
-    original = torch.randn_like
+    """torch.randn_like (the 2017 gates' noise) and torch.rand_like (the Switch router's
+    jitter) return rows [first_row, first_row + R) of `noise`; randn_like gives zeros and
+    rand_like one half (no jitter) if noise is None."""
+    originals = torch.randn_like, torch.rand_like
 
-    def draw(like, **_):
-        if noise is None:
-            return torch.zeros_like(like)
-        assert like.shape[1] == noise.shape[1], (like.shape, noise.shape)
-        return noise[first_row : first_row + like.shape[0]].to(like.dtype)
+    def drawer(default: float):
+        def draw(like, **_):
+            if noise is None:
+                return torch.full_like(like, default)
+            assert like.shape[1] == noise.shape[1], (like.shape, noise.shape)
+            return noise[first_row : first_row + like.shape[0]].to(like.dtype)
 
-    torch.randn_like = draw
+        return draw
+
+    torch.randn_like, torch.rand_like = drawer(0.0), drawer(0.5)
     try:
         yield
     finally:
-        torch.randn_like = original
+        torch.randn_like, torch.rand_like = originals
 
 
 def run_layer(layer, x, projection, aux_weight, noise, first_row):
@@ -148,6 +161,8 @@ def check_layer_case(checks, case, capacity_factor, training, world, rank):
     noise = None
     if training and case == "noisy_topk":
         noise = torch.randn(n_tokens, CASES[case]["n_experts"], generator=generator)
+    if training and case.startswith("switch"):
+        noise = torch.rand(n_tokens, D, generator=generator)  # the input jitter
     name = f"{case}, capacity_factor={capacity_factor}, training={training}"
 
     single = make_layer(case, capacity_factor).train(training)
@@ -307,6 +322,18 @@ def test_capacity_goes_to_ranks_in_token_order():
     kept = share_capacity(routed, 4)
     assert kept.tolist() == [[3, 0, 4], [1, 1, 0]]
     assert share_capacity(routed, None) is routed
+
+
+def test_capacity_goes_to_first_choices_of_every_rank_first():
+    # [W=2, C=2 slots, E=2]. Expert 0: first choices 2 (rank 0) and 1 (rank 1), then second
+    # choices 2 and 3; capacity 4 keeps all three first choices, then rank 0's first second
+    # choice. Expert 1: 1 and 0 first choices, 5 and 1 second: rank 0 takes 1 + 3.
+    routed = torch.tensor([[[2, 1], [2, 5]], [[1, 0], [3, 1]]])
+    assert share_capacity(routed, 4).tolist() == [[3, 4], [1, 0]]
+    assert share_capacity(routed, None).tolist() == [[4, 6], [4, 1]]
+    # One class is token order.
+    flat = torch.tensor([[3, 0, 5], [2, 1, 4]])
+    assert torch.equal(share_capacity(flat.unsqueeze(1), 4), share_capacity(flat, 4))
 
 
 def test_per_expert_capacity_tensor_equals_one_capacity():
