@@ -10,8 +10,9 @@ writes `experts-step{S}-rank{r}-of{W}.pt` (its expert tensors [E/W, ...], their 
 its random state), then rank 0 writes `checkpoint.pt` (everything replicated, with
 `expert_shards: W`). A checkpoint is the `checkpoint.pt` plus the W shards of its step, which were
 written before it; shards of other steps are removed only after it. `load_run_checkpoint`
-reassembles the one-process state (expert tensors concatenated in rank order), which any number
-of ranks can then slice again.
+reassembles the one-process state (expert tensors concatenated in rank order) for evaluation,
+or gives a rank of a run on any number of ranks just its own experts, read from the shards
+that hold them.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import re
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from lstm_moe.moe.parallel import ParallelGroup, is_expert_tensor
 
@@ -44,11 +46,13 @@ def save_checkpoint(path: Path, payload: dict) -> None:
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
+    """The payload of one checkpoint file, memory-mapped: tensors are read from the file when
+    they are used (a load_state_dict or a slice copies what it needs)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
     except (RuntimeError, EOFError, OSError) as error:  # truncated or not a checkpoint
         raise ValueError(f"{path} is not a readable checkpoint: {error}") from None
 
@@ -93,38 +97,95 @@ def remove_stale_shards(run_dir: Path, keep: set[Path]) -> None:
             path.unlink(missing_ok=True)
 
 
-def load_run_checkpoint(run_dir: Path, map_location="cpu") -> dict:
-    """checkpoint.pt of a run folder with the one-process state, whatever the number of ranks
-    that saved it: "model" and "optimizer" hold full expert tensors [E, ...], and "rngs" the
-    random state of each saving rank (rank 0's is also "rng")."""
+def load_run_checkpoint(
+    run_dir: Path,
+    map_location="cpu",
+    group: ParallelGroup | None = None,
+    expert_ids: set[int] = frozenset(),
+) -> dict:
+    """checkpoint.pt of a run folder with its experts, whatever the number of ranks that saved
+    it.
+
+    group None: the one-process state, "model" and "optimizer" holding full expert tensors
+    [E, ...]. A ParallelGroup: only the experts that rank holds at its world size, [E/W, ...],
+    read from the shards (or the one-process file) that contain them, so that no rank ever
+    holds every expert; expert_ids names the optimizer's entries for expert tensors (the
+    one-process file does not tell them apart). Files are memory-mapped: a slice of a tensor
+    reads only that slice, and shard 0, opened for its list of tensors, costs no more than
+    that list when its experts are not needed.
+    "rngs" maps each saving rank whose file was read to its random state; a rank of a run on
+    as many ranks as saved it always finds its own.
+    """
     run_dir = Path(run_dir)
     ckpt = load_checkpoint(run_dir / "checkpoint.pt", map_location)
     world = ckpt.get("expert_shards")
     if world is None:
-        ckpt["rngs"] = [ckpt["rng"]]
+        ckpt["rngs"] = {0: ckpt["rng"]}
+        if group is not None:
+            for name, value in ckpt["model"].items():
+                if is_expert_tensor(name):
+                    ckpt["model"][name] = value[slice(*group.expert_range(len(value)))].clone()
+            for index in expert_ids & ckpt["optimizer"]["state"].keys():
+                moments = ckpt["optimizer"]["state"][index]
+                ckpt["optimizer"]["state"][index] = {
+                    key: value[slice(*group.expert_range(len(value)))].clone()
+                    if value.dim() > 0
+                    else value  # Adam's step count
+                    for key, value in moments.items()
+                }
         return ckpt
-    shards = []
-    for rank in range(world):
-        path = shard_path(run_dir, ckpt["step"], rank, world)
+
+    paths = [shard_path(run_dir, ckpt["step"], rank, world) for rank in range(world)]
+    for path in paths:
         if not path.is_file():
             raise FileNotFoundError(
                 f"{run_dir}: checkpoint.pt of step {ckpt['step']} was saved by {world} ranks, "
                 f"but the expert shard {path.name} is missing"
             )
-        shard = load_checkpoint(path, map_location)
-        if (shard["step"], shard["rank"], shard["world_size"]) != (ckpt["step"], rank, world):
-            raise ValueError(f"{path} does not belong to {run_dir}/checkpoint.pt")
-        shards.append(shard)
-    for name in shards[0]["model"]:
-        ckpt["model"][name] = torch.cat([s["model"][name] for s in shards])  # [E, ...]
-    for index, first in shards[0]["optimizer_state"].items():
+    shards: dict[int, dict] = {}
+
+    def shard(rank: int) -> dict:
+        if rank not in shards:
+            loaded = load_checkpoint(paths[rank], map_location)
+            if (loaded["step"], loaded["rank"], loaded["world_size"]) != (
+                ckpt["step"],
+                rank,
+                world,
+            ):
+                raise ValueError(f"{paths[rank]} does not belong to {run_dir}/checkpoint.pt")
+            shards[rank] = loaded
+        return shards[rank]
+
+    def assemble(tensor_of) -> Tensor:
+        """The experts this rank needs of one tensor, [E or E/W, ...]; tensor_of(shard) is
+        that tensor in a shard, [E/W_saved, ...]."""
+        per_shard = len(tensor_of(shard(0)))
+        if group is None:
+            first, last = 0, per_shard * world
+        else:
+            first, last = group.expert_range(per_shard * world)
+        pieces = []
+        for rank in range(first // per_shard, -(-last // per_shard)):
+            start = rank * per_shard
+            lo, hi = max(first, start) - start, min(last, start + per_shard) - start
+            pieces.append(tensor_of(shard(rank))[lo:hi])
+        return torch.cat(pieces)  # a copy: nothing stays mapped
+
+    for name in shard(0)["model"]:
+        ckpt["model"][name] = assemble(lambda s, name=name: s["model"][name])
+    for index, moments in shard(0)["optimizer_state"].items():
         ckpt["optimizer"]["state"][index] = {
-            key: torch.cat([s["optimizer_state"][index][key] for s in shards])
+            key: assemble(lambda s, index=index, key=key: s["optimizer_state"][index][key])
             if value.dim() > 0
             else value  # Adam's step count, the same on every rank
-            for key, value in first.items()
+            for key, value in moments.items()
         }
-    ckpt["rngs"] = [s["rng"] for s in shards]
+    if group is None:
+        for rank in range(world):
+            shard(rank)
+    elif group.world_size == world:
+        shard(group.rank)
+    ckpt["rngs"] = {rank: loaded["rng"] for rank, loaded in shards.items()}
     return ckpt
 
 
@@ -132,22 +193,6 @@ def expert_parameter_indices(model: torch.nn.Module) -> set[int]:
     """Positions of the expert tensors among the trained parameters (the optimizer's ids)."""
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     return {i for i, name in enumerate(names) if is_expert_tensor(name)}
-
-
-def shard_optimizer_state(state: dict, expert_indices: set[int], group: ParallelGroup) -> dict:
-    """This rank's share of a one-process optimizer state dict: the moments of expert tensors
-    [E, ...] cut to this rank's experts, everything else kept."""
-    sharded = {}
-    for index, values in state["state"].items():
-        if index in expert_indices:
-            values = {
-                key: value[slice(*group.expert_range(value.shape[0]))].clone()
-                if value.dim() > 0
-                else value
-                for key, value in values.items()
-            }
-        sharded[index] = values
-    return {"state": sharded, "param_groups": state["param_groups"]}
 
 
 def rng_state() -> dict:

@@ -23,9 +23,9 @@ lanes are split evenly over the ranks, and the updates are those of one process 
 batch, up to the order of floating-point sums, when the run draws nothing at random per token
 (no dropout, no router noise, the full softmax). Dropout masks, router noise and sampled-softmax
 candidates are drawn by each rank for its own tokens from its own stream: the same
-distributions as one process, other draws. With a capacity_factor, an expert's capacity goes
-to ranks in rank order (lstm_moe.moe.parallel), not in one process's (time, lane) order; the
-default dropless layer has no such difference. Validation runs on every rank over its lanes of
+distributions as one process, other draws. With a capacity_factor the ranks keep the tokens
+one process keeps: the MoE layer takes its tokens lane by lane, and a rank's lanes are a
+contiguous block of the batch (lstm_moe.lm.MoEBlock). Validation runs on every rank over its lanes of
 the validation layout and is summed, so it equals one process's. Rank 0 writes config.json,
 metrics.jsonl and checkpoint.pt; every rank writes its expert shard (lstm_moe.checkpoint), and
 a run resumes, or is evaluated, at any number of ranks that divides batch_size, the validation
@@ -55,7 +55,6 @@ from lstm_moe.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
-    shard_optimizer_state,
     shard_path,
 )
 from lstm_moe.config import (
@@ -75,7 +74,7 @@ from lstm_moe.distributed import (
     sum_replicated_grads,
 )
 from lstm_moe.lm import LanguageModel, detach_state
-from lstm_moe.moe.parallel import ParallelGroup, is_expert_tensor, shard_state_dict
+from lstm_moe.moe.parallel import ParallelGroup, is_expert_tensor
 from lstm_moe.presets import get_preset
 from lstm_moe.runtime import resolve_device
 
@@ -352,7 +351,15 @@ class Trainer:
 
     def restore(self) -> None:
         # Loaded to the CPU: RNG states must stay there; load_state_dict copies the rest.
-        ckpt = load_run_checkpoint(self.run_dir, map_location="cpu")
+        # On W ranks each rank reads only its own experts (from any number of saved shards).
+        group = ParallelGroup(self.ranks.process_group)
+        experts = expert_parameter_indices(self.model)
+        ckpt = load_run_checkpoint(
+            self.run_dir,
+            map_location="cpu",
+            group=group if self.ranks.world_size > 1 else None,
+            expert_ids=experts,
+        )
         saved = config_from_dict(LMConfig, ckpt["model_config"])
         if saved != self.model_config:
             raise ValueError(
@@ -381,15 +388,15 @@ class Trainer:
                 f"is not the one {self.checkpoint_path} was trained with "
                 f"({ckpt['vocab_sha256'][:12]})"
             )
-        # The one-process state, cut to this rank's experts and lanes: any number of ranks.
-        group = ParallelGroup(self.ranks.process_group)
-        self.model.load_state_dict(shard_state_dict(ckpt["model"], group))
-        experts = expert_parameter_indices(self.model)
-        self.optimizer.load_state_dict(shard_optimizer_state(ckpt["optimizer"], experts, group))
+        # This rank's experts and its lanes of the LSTM state: any number of ranks.
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
         self.schedule.load_state_dict(ckpt["schedule"])
-        rank, rngs = self.ranks.rank, ckpt["rngs"]
-        if len(rngs) == self.ranks.world_size or rank == 0:
-            set_rng_state(rngs[rank])
+        rank = self.ranks.rank
+        if ckpt.get("expert_shards", 1) == self.ranks.world_size:
+            set_rng_state(ckpt["rngs"][rank])
+        elif rank == 0:
+            set_rng_state(ckpt["rng"])
         else:  # another number of ranks: a fresh stream of this rank's own
             torch.manual_seed(rank_seed(self.config.seed + ckpt["step"], rank))
         if ckpt["lstm_state"]:
