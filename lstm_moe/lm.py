@@ -61,8 +61,11 @@ class MoEBlock(nn.Module):
         self.moe = MoELayer.from_config(config.moe_config(), process_group)
 
     def forward(self, x: Tensor) -> tuple[Tensor, MoEOutput]:
-        result = self.moe(x)  # x: [T, B, D] routed as T·B tokens in one call
-        return torch.sigmoid(result.output), result
+        # x: [T, B, D], routed as T·B tokens in one call, lane by lane ([B, T] order): under a
+        # capacity the earliest tokens in that order are kept, and since each rank holds a
+        # contiguous block of lanes, W ranks then keep exactly the tokens one process keeps.
+        result = self.moe(x.movedim(0, -2))  # [B, T, D] ([B, D] for one step stays as it is)
+        return torch.sigmoid(result.output.movedim(-2, 0)), result  # [T, B, D]
 
     def ops_per_timestep(self) -> int:
         """Multiply-adds per token: the experts each token uses plus the gating networks

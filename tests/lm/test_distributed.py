@@ -45,16 +45,19 @@ ARGS = [
     "--eval_tokens=0",
 ]
 TOL = dict(rel=1e-5, abs=1e-6)
-COMPARED = ("loss", "aux_loss", "importance", "load", "grad_norm", "cv_load")
+COMPARED = ("loss", "aux_loss", "importance", "load", "grad_norm", "cv_load", "fraction_dropped")
 
 
 def no_noise():
     return mock.patch.object(torch, "randn_like", lambda like, **_: torch.zeros_like(like))
 
 
-def new_run(data: Path, run: Path, max_steps: int) -> list[str]:
+def new_run(data: Path, run: Path, max_steps: int, *extra: str) -> list[str]:
     return ["--data", str(data), "--run", str(run), "--preset", "MoE-32", *ARGS,
-            f"--max_steps={max_steps}"]  # fmt: skip
+            f"--max_steps={max_steps}", *extra]  # fmt: skip
+
+
+CAPACITY = "--capacity_factor=0.5"  # drops tokens: the kept ones must be one process's
 
 
 def resume(run: Path, max_steps: int) -> list[str]:
@@ -86,11 +89,13 @@ def worker(rank: int, world: int, port: int, jobs: list[list[str]]) -> None:
 def runs(tiny_dataset, tmp_path_factory):
     """one: 1 process, 20 steps (one_at_10: its checkpoint at step 10). two, four: 2 and 4
     ranks, 10 steps. one_then_two: one_at_10 resumed on 2 ranks to 20. two_then_one: two
-    resumed by 1 process to 20. four_then_two: four resumed on 2 ranks to 20."""
+    resumed by 1 process to 20. four_then_two: four resumed on 2 ranks to 20. capacity_one,
+    capacity_two: 1 process and 2 ranks, 10 steps with a capacity factor."""
     root = tmp_path_factory.mktemp("distributed")
     names = ("one", "one_at_10", "two", "one_then_two", "two_then_one", "four", "four_then_two")
-    paths = {name: root / name for name in names}
+    paths = {name: root / name for name in (*names, "capacity_one", "capacity_two")}
     with no_noise():
+        assert train_main(new_run(tiny_dataset, paths["capacity_one"], 10, CAPACITY)) == 0
         assert train_main(new_run(tiny_dataset, paths["one"], 10)) == 0
         shutil.copytree(paths["one"], paths["one_then_two"])
         shutil.copytree(paths["one"], paths["one_at_10"])
@@ -102,6 +107,7 @@ def runs(tiny_dataset, tmp_path_factory):
         new_run(tiny_dataset, paths["two"], 10),
         resume(paths["one_then_two"], 20),
         resume(paths["four_then_two"], 20),
+        new_run(tiny_dataset, paths["capacity_two"], 10, CAPACITY),
     ]
     mp.spawn(worker, args=(2, free_port(), jobs), nprocs=2, join=True)
     shutil.copytree(paths["two"], paths["two_then_one"])
@@ -129,6 +135,12 @@ def test_two_and_four_ranks_train_like_one_process(runs):
     ]
     shards = sorted(p.name for p in runs["two"].glob("experts-*"))
     assert shards == ["experts-step10-rank0-of2.pt", "experts-step10-rank1-of2.pt"]
+
+
+@pytest.mark.distributed
+def test_with_a_capacity_two_ranks_keep_the_tokens_one_process_keeps(runs):
+    assert_same_metrics(runs["capacity_two"], runs["capacity_one"], range(1, 11))
+    assert min(e["fraction_dropped"] for e in read_metrics(runs["capacity_one"])) > 0
 
 
 @pytest.mark.distributed
