@@ -25,11 +25,11 @@ batch, up to the order of floating-point sums, when the run draws nothing at ran
 candidates are drawn by each rank for its own tokens from its own stream: the same
 distributions as one process, other draws. With a capacity_factor the ranks keep the tokens
 one process keeps: the MoE layer takes its tokens lane by lane, and a rank's lanes are a
-contiguous block of the batch (lstm_moe.lm.MoEBlock). Validation runs on every rank over its lanes of
-the validation layout and is summed, so it equals one process's. Rank 0 writes config.json,
-metrics.jsonl and checkpoint.pt; every rank writes its expert shard (lstm_moe.checkpoint), and
-a run resumes, or is evaluated, at any number of ranks that divides batch_size, the validation
-lanes and n_experts.
+contiguous block of the batch (lstm_moe.lm.MoEBlock). Validation runs on every rank over its
+lanes of the validation layout and is summed, so it equals one process's. Rank 0 writes
+config.json, metrics.jsonl and checkpoint.pt; every rank writes its expert shard
+(lstm_moe.checkpoint), and a run resumes, or is evaluated, at any number of ranks that divides
+batch_size, the validation lanes and n_experts.
 """
 
 from __future__ import annotations

@@ -107,7 +107,7 @@ def test_a_rank_reads_only_the_shards_holding_its_experts(tmp_path, full):
 def test_a_missing_shard_is_named(tmp_path, full):
     save_sharded(tmp_path, full)
     shard_path(tmp_path, STEP, 2, SAVED_WORLD).unlink()
-    with pytest.raises(FileNotFoundError, match="experts-step5-rank2-of4.pt"):
+    with pytest.raises(FileNotFoundError, match=r"experts-step5-rank2-of4\.pt"):
         load_run_checkpoint(tmp_path, group=group_of(0, 2))
 
 
