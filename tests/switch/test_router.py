@@ -12,6 +12,7 @@ import torch
 from lstm_moe.moe import MoELayer, plan_dispatch
 from switch import SwitchRouter, load_balancing_loss
 from tests.moe import reference
+from tests.moe.test_layer_vs_reference import fast, run
 
 D, H, E = 12, 16, 6
 
@@ -126,22 +127,6 @@ def switch_reference(layer: MoELayer, x: torch.Tensor):
             out[t] = out[t] + gates[t][slot] * reference.expert_forward(layer.experts, e, x[t])
     aux = router.w_balance * balance + router.w_z * z
     return torch.stack(out), aux, {"balance": balance, "z": z}
-
-
-def fast(layer, x):
-    result = layer(x)
-    return result.output, result.aux_loss, result.losses
-
-
-def run(fn, layer, x, seed):
-    layer.zero_grad(set_to_none=True)
-    x = x.detach().clone().requires_grad_(True)
-    torch.manual_seed(seed)
-    out, aux, losses = fn(layer, x)
-    projection = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
-    ((out * projection).sum() + aux).backward()
-    grads = {name: p.grad for name, p in layer.named_parameters()}
-    return out.detach(), aux.detach(), {n: v.detach() for n, v in losses.items()}, x.grad, grads
 
 
 @pytest.mark.parametrize("k", [1, 2])
