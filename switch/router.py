@@ -22,6 +22,10 @@ from lstm_moe.moe.losses import assignment_counts, importance
 from lstm_moe.moe.parallel import ParallelGroup
 from lstm_moe.moe.routing import Routing, check_top_k, router_precision
 
+# Standard deviation of a unit normal truncated to [-2, 2]:
+# sqrt(1 - 4·φ(2) / (Φ(2) - Φ(-2))), φ and Φ the normal density and CDF.
+TRUNCATED_STD = 0.8796256610342398
+
 
 def load_balancing_loss(routed_fraction: Tensor, router_prob_fraction: Tensor) -> Tensor:
     """N · Σ_i f_i · P_i (Switch Eq. 4), unweighted (the paper's α multiplies it).
@@ -39,21 +43,26 @@ class SwitchRouter(nn.Module):
     """p(x) = Softmax(x·W_r) (Switch Eq. 1); each token goes to its top-k experts.
 
     k = 1 is the Switch layer: the gate is p_i(x) of the chosen expert itself (Eq. 2), not
-    renormalised, so the task loss reaches W_r through it. k = 2 is the top-2 gate of GShard
-    and ST-MoE: the two probabilities renormalised to sum to 1.
+    renormalised, so the task loss reaches W_r through it. k > 1: with renormalize (the
+    default) the k probabilities are divided by their sum, as GShard's top-2 gate does; without
+    it they are used as they are, as ST-MoE's code does.
 
     Losses over the batch (of all ranks of a ParallelGroup), reported unweighted by name:
     - "balance": N · Σ f_i · P_i (Eq. 4), weighted by w_balance (α = 1e-2 in the paper). For
-      k > 1, f_i counts all k choices and is divided by k, so uniform routing still gives 1.
+      k > 1, f_i counts all k choices and is divided by k, so uniform routing still gives 1 and
+      α keeps its meaning. (GShard's top-2 counts first choices only; ST-MoE's code counts all
+      k without dividing, k times this loss at uniform routing.)
     - "z": mean over tokens of logsumexp(x·W_r)², the ST-MoE router z-loss, weighted by w_z;
       0 by default as in the Switch paper, ST-MoE uses 1e-3.
     Under a capacity, every token's first choice claims its expert before any second choice
-    (Routing.slot_priority), as GShard's top-2 gate does; with k = 1 that is token order.
+    (Routing.slot_priority), as GShard's top-2 gate does; with k = 1 that is token order. Every
+    choice is dispatched: GShard's random dropping of weak second choices is not implemented.
 
     Training only: the router's input is multiplied by U(1 − jitter_eps, 1 + jitter_eps) noise,
     drawn per element (the Switch code's input jitter; the experts still see the clean input).
     W_r starts from the paper's reduced initialisation (§2.4): a normal truncated at two
-    standard deviations, std = sqrt(init_scale / D) with init_scale = 0.1.
+    standard deviations whose standard deviation after truncation is sqrt(init_scale / D),
+    init_scale = 0.1 (the variance-scaling initialiser the Switch code uses).
     The router computes in float32 even under bf16 autocast (selective precision, §2.4).
 
     Routing.importance is Σ_x of the gates as dispatched (Eq. 6 of 2017), Routing.load the
@@ -70,6 +79,7 @@ class SwitchRouter(nn.Module):
         w_z: float = 0.0,
         jitter_eps: float = 1e-2,
         init_scale: float = 0.1,
+        renormalize: bool = True,
     ) -> None:
         super().__init__()
         check_top_k(k, n_experts)
@@ -79,9 +89,12 @@ class SwitchRouter(nn.Module):
             raise ValueError(f"init_scale must be > 0, got {init_scale}")
         self.n_experts, self.k = n_experts, k
         self.w_balance, self.w_z, self.jitter_eps = w_balance, w_z, jitter_eps
-        std = math.sqrt(init_scale / d_model)
+        self.renormalize = renormalize
+        # A normal cut at ±2σ keeps TRUNCATED_STD·σ of its standard deviation: draw with a
+        # larger σ so that what is left is sqrt(init_scale / D).
+        sigma = math.sqrt(init_scale / d_model) / TRUNCATED_STD
         self.w_router = nn.Parameter(torch.empty(d_model, n_experts))
-        nn.init.trunc_normal_(self.w_router, std=std, a=-2 * std, b=2 * std)
+        nn.init.trunc_normal_(self.w_router, std=sigma, a=-2 * sigma, b=2 * sigma)
 
     @property
     def experts_per_token(self) -> int:
@@ -99,7 +112,9 @@ class SwitchRouter(nn.Module):
             logits = x @ self.w_router.to(x.dtype)  # [T, E]
             probs = torch.softmax(logits, dim=-1)  # p(x), Eq. 1
             top_probs, expert_index = probs.topk(self.k, dim=-1)  # [T, K]
-            gates = top_probs if self.k == 1 else top_probs / top_probs.sum(-1, keepdim=True)
+            gates = top_probs
+            if self.k > 1 and self.renormalize:
+                gates = top_probs / top_probs.sum(-1, keepdim=True)
 
             # One reduction over ranks for every batch sum: [E] Σ p, [E] Σ gates, [E] pairs
             # routed, the Σ of squared logsumexp, and the token count.

@@ -14,10 +14,11 @@ Rank r of W holds the contiguous block of experts [r·L, (r+1)·L), L = E / W. O
    [rank 0's tokens; rank 1's tokens; ...]; dropped pairs are never sent;
 3. the dispatcher sorts this rank's kept pairs by expert, which makes the rows for each
    destination rank contiguous, and an all-to-all with unequal split sizes sends them;
-4. the received rows, ordered (source rank, expert, token), are stably re-sorted by expert, so
-   that within an expert they are in global token order, run through the local experts as one
-   grouped product, put back, and returned by the reverse all-to-all; each rank mixes the
-   rows of its own tokens with their gates (Eq. 1).
+4. the received rows, ordered (source rank, expert, priority), are stably re-sorted by expert
+   into (expert, source rank, priority) order, run through the local experts as one grouped
+   product, put back, and returned by the reverse all-to-all; each rank mixes the rows of its
+   own tokens with their gates (Eq. 1). (Each row's result is independent of the others', so
+   the order within an expert only has to be the same at every world size for equal sums.)
 
 With one process every collective is the identity and the re-sort is skipped (it would be the
 identity permutation): a plain MoELayer runs this same code.
@@ -196,8 +197,8 @@ def share_capacity(routed: Tensor, capacity: int | None) -> Tensor:
 
 
 def _expert_major_order(from_each: Tensor) -> Tensor | None:
-    """The permutation that takes received rows from (source rank, expert, token) order to
-    (expert, source rank, token) order, or None where the two are the same (one source rank or
+    """The permutation that takes received rows from (source rank, expert, priority) order to
+    (expert, source rank, priority) order, or None where the two are the same (one source rank or
     one expert). from_each: [W, L] rows from each rank for each local expert. Returns [M]."""
     world, per_rank = from_each.shape
     if world == 1 or per_rank == 1:

@@ -11,6 +11,7 @@ import torch
 
 from lstm_moe.moe import MoELayer, plan_dispatch
 from switch import SwitchRouter, load_balancing_loss
+from switch.router import TRUNCATED_STD
 from tests.moe import reference
 from tests.moe.test_layer_vs_reference import fast, run
 
@@ -67,6 +68,17 @@ def test_top2_gates_are_renormalised_and_balance_counts_both_choices():
     torch.testing.assert_close(routing.gates[:, 0], torch.full((3,), 0.75))
     # Every token reaches both experts: f = [1/2, 1/2], so N · Σ f P = 2 · 1/2 · Σ P = 1.
     assert routing.losses["balance"].item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(("renormalize", "gates"), [(True, [0.6, 0.4]), (False, [0.5, 1 / 3])])
+def test_top2_gates_with_and_without_renormalising(renormalize, gates):
+    router = SwitchRouter(3, 3, 2, renormalize=renormalize).eval()
+    with torch.no_grad():
+        router.w_router.copy_(torch.eye(3))
+    # p = [3/6, 2/6, 1/6]: the top two are 1/2 and 1/3, or 3/5 and 2/5 renormalised.
+    routing = router(torch.tensor([[math.log(3.0), math.log(2.0), 0.0]]))
+    assert routing.expert_index.tolist() == [[0, 1]]
+    torch.testing.assert_close(routing.gates, torch.tensor([gates]))
 
 
 def test_slot_priority_gives_capacity_to_first_choices_first():
@@ -194,11 +206,19 @@ def test_router_runs_in_float32_under_bf16_autocast():
 def test_reduced_initialisation():
     d_model = 512
     router = SwitchRouter(d_model, 64)
-    std = math.sqrt(0.1 / d_model)
+    std = math.sqrt(0.1 / d_model)  # the standard deviation after truncation
     w = router.w_router.detach()
-    assert w.abs().max() <= 2 * std
-    # A normal truncated at ±2σ has standard deviation 0.8796σ.
-    assert w.std().item() == pytest.approx(0.8796 * std, rel=0.03)
+    # Cut at two standard deviations of the normal it was drawn from, σ = std / 0.8796.
+    assert w.abs().max() <= 2 * std / 0.8796
+    assert w.abs().max() > 2 * std  # ... which lies beyond 2·std
+    assert w.std().item() == pytest.approx(std, rel=0.03)
+
+
+def test_truncated_std_constant():
+    z = torch.tensor(2.0, dtype=torch.float64)
+    density = torch.exp(-(z**2) / 2) / math.sqrt(2 * math.pi)
+    mass = torch.special.ndtr(z) - torch.special.ndtr(-z)
+    assert torch.sqrt(1 - 2 * z * density / mass).item() == pytest.approx(TRUNCATED_STD, 1e-12)
 
 
 def test_layer_rejects_a_router_with_other_k_or_experts():
