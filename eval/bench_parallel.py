@@ -11,7 +11,8 @@ MoELayer(D, E, H, k, process_group=...) from the same seed (so rank r holds expe
 global batch is b·W tokens and grows with the ranks, as in §3.1, where each expert's batch is
 k·b·d/n for d devices and n experts. The gate is the noisy top-k gate at its zero
 initialisation (the state training starts from), in training mode, so routing is random and
-roughly balanced; the layer is dropless unless --capacity-factor is given.
+roughly balanced, or with --router switch the Switch router at its reduced initialisation;
+the layer is dropless unless --capacity-factor is given.
 
 Measured, per step (one forward + backward of (output · projection).sum() + aux_loss):
   ms              median over --repeats steps, after --warmup steps, of the slowest rank's
@@ -55,6 +56,7 @@ import torch.distributed as dist
 from eval.bench_moe import write_report
 from lstm_moe.moe import MoELayer
 from lstm_moe.runtime import enable_cpu_hugepages
+from switch import SwitchRouter
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTE = (
@@ -128,11 +130,15 @@ def run_worker(args: argparse.Namespace) -> dict:
     )
     try:
         torch.manual_seed(0)  # the same model on every rank: all experts drawn, then sliced
+        router = args.router
+        if router == "switch":
+            router = SwitchRouter(args.d_model, args.experts, args.k)
         layer = MoELayer(
             args.d_model,
             args.experts,
             args.hidden,
             args.k,
+            router,
             capacity_factor=args.capacity_factor,
             process_group=dist.group.WORLD,
         ).to(device)
@@ -195,7 +201,7 @@ def _worker_command(args: argparse.Namespace, rank: int, world: int, port: int) 
         "--d-model", str(args.d_model), "--hidden", str(args.hidden), "--k", str(args.k),
         "--warmup", str(args.warmup), "--repeats", str(args.repeats),
         "--timeout", str(args.timeout), "--threads", str(args.threads),
-        "--backend", args.backend, "--device", args.device,
+        "--backend", args.backend, "--device", args.device, "--router", args.router,
     ]  # fmt: skip
     if args.capacity_factor is not None:
         command += ["--capacity-factor", str(args.capacity_factor)]
@@ -285,7 +291,8 @@ def header(report: dict) -> str:
     return (
         f"Expert-parallel MoE layer forward+backward, {report['device']}: "
         f"{report['tokens_per_rank']} tokens per rank, E={report['n_experts']}, "
-        f"D={report['d_model']}, H={report['hidden']}, k={report['k']}, {routing} "
+        f"D={report['d_model']}, H={report['hidden']}, {report['router']} router, "
+        f"k={report['k']}, {routing} "
         f"(median of {report['repeats']} after {report['warmup']} warm-up).\n{NOTE}"
     )
 
@@ -338,6 +345,7 @@ def run_driver(args: argparse.Namespace) -> dict:
         "n_experts": args.experts,
         "d_model": args.d_model,
         "hidden": args.hidden,
+        "router": args.router,
         "k": args.k,
         "capacity_factor": args.capacity_factor,
         "warmup": args.warmup,
@@ -360,6 +368,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--d-model", type=int, default=256)
     parser.add_argument("--hidden", type=int, default=512, help="expert hidden width")
     parser.add_argument("--k", type=int, default=4, help="experts per token")
+    parser.add_argument(
+        "--router", default="noisy_topk", choices=["noisy_topk", "switch"],
+        help="the 2017 noisy top-k gate, or switch.SwitchRouter (e.g. --router switch --k 1)",
+    )  # fmt: skip
     parser.add_argument(
         "--capacity-factor", type=float, default=None, help="default: dropless"
     )  # fmt: skip

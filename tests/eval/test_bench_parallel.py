@@ -37,11 +37,12 @@ def test_a_step_lasts_as_long_as_its_slowest_rank():
 
 
 @pytest.mark.distributed
-def test_cli_reports_tokens_per_expert_as_in_section_3_1(tmp_path):
+@pytest.mark.parametrize(("router", "k"), [("noisy_topk", 2), ("switch", 1)])
+def test_cli_reports_tokens_per_expert_as_in_section_3_1(tmp_path, router, k):
     json_path, md_path = tmp_path / "p.json", tmp_path / "p.md"
-    tokens, experts, k = 48, 4, 2
+    tokens, experts = 48, 4
     command = [
-        sys.executable, "-m", "eval.bench_parallel", "--ranks", "1", "2",
+        sys.executable, "-m", "eval.bench_parallel", "--ranks", "1", "2", "--router", router,
         "--tokens-per-rank", str(tokens), "--experts", str(experts), "--k", str(k),
         "--d-model", "8", "--hidden", "8", "--warmup", "0", "--repeats", "2",
         "--timeout", "30", "--json", str(json_path), "--markdown", str(md_path),
@@ -49,7 +50,7 @@ def test_cli_reports_tokens_per_expert_as_in_section_3_1(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     report = json.loads(json_path.read_text())
-    assert report["device"] and report["world_sizes"] == [1, 2]
+    assert report["device"] and report["world_sizes"] == [1, 2] and report["router"] == router
     one, two = report["rows"]
     for row in (one, two):
         for key in ROW_KEYS:
