@@ -173,11 +173,23 @@ class LanguageModel(nn.Module):
         return sum(block.ops_per_timestep() for block in self.blocks)
 
     def params_excluding_embedding_softmax(self) -> int:
-        """Trained parameters between the embedding and the softmax (Table 7's #Params)."""
-        return sum(p.numel() for p in self.blocks.parameters() if p.requires_grad)
+        """Trained parameters between the embedding and the softmax (Table 7's #Params), of the
+        whole model whatever the number of ranks holding its experts."""
+        return trained_params(self.blocks)
 
     def total_params(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trained_params(self)
+
+
+def trained_params(module: nn.Module) -> int:
+    """Trained parameters of the model, not of this rank: a rank of W holds E/W of each MoE
+    layer's experts, and they count W times."""
+    total = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    for layer in module.modules():
+        if isinstance(layer, MoELayer):
+            held = sum(p.numel() for p in layer.experts.parameters() if p.requires_grad)
+            total += held * (layer.group.world_size - 1)
+    return total
 
 
 def detach_state(state: list[LSTMState]) -> list[LSTMState]:

@@ -117,3 +117,16 @@ def test_lstmp_projects_to_d_model():
     lstm = model.blocks[0]
     assert lstm.ops_per_timestep() == 4 * 32 * (8 + 8) + 32 * 8
     assert not lstm.lstm.bias_hh_l0.requires_grad and lstm.lstm.bias_hh_l0.abs().sum() == 0
+
+
+def test_parameter_counts_are_the_whole_models_on_any_number_of_ranks():
+    """A rank of 2 holds half the experts; the counts it reports are still the model's."""
+    whole = LanguageModel(small_config())
+    sharded = LanguageModel(small_config())
+    moe = sharded.blocks[1].moe
+    moe.experts.keep_experts(0, moe.config.n_experts // 2)
+    moe.group.world_size = 2  # what a ParallelGroup of 2 ranks reports
+    held = sum(p.numel() for p in sharded.parameters())
+    assert held < sum(p.numel() for p in whole.parameters())
+    for count in ("params_excluding_embedding_softmax", "total_params"):
+        assert getattr(sharded, count)() == getattr(whole, count)(), count
