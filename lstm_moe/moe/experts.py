@@ -93,43 +93,51 @@ def grouped_matmul(rows: Tensor, weight: Tensor, rows_per_expert: Tensor) -> Ten
 class BatchedExperts(nn.Module):
     """E experts `x -> W_out·ReLU(W_in·x + b_in) + b_out`, stored as [E, D, H] and [E, H, D].
 
-    Each expert is initialised like an nn.Linear pair (uniform in ±1/√fan_in), drawn for the
-    whole tensor at once so that any later slicing (expert parallelism) starts from the same
-    model as one process.
+    expert_range: [first, last) of the experts this module holds (one rank's shard under
+    expert parallelism), None for all n_experts. Each expert is initialised like an nn.Linear
+    pair (uniform in ±1/√fan_in) from a generator of its own, seeded from one draw of the
+    global random stream plus its global id: a shard holds exactly the values one process
+    draws for those experts, the global stream moves on by that one draw at any number of
+    ranks, and no rank ever materialises experts it does not hold.
     """
 
-    def __init__(self, n_experts: int, d_model: int, expert_hidden: int, bias: bool = True):
+    def __init__(
+        self,
+        n_experts: int,
+        d_model: int,
+        expert_hidden: int,
+        bias: bool = True,
+        expert_range: tuple[int, int] | None = None,
+    ):
         super().__init__()
         if expert_hidden < 1:
             raise ValueError(f"expert_hidden must be >= 1, got {expert_hidden}")
-        self.n_experts, self.d_model, self.expert_hidden = n_experts, d_model, expert_hidden
-        self.w_in = nn.Parameter(torch.empty(n_experts, d_model, expert_hidden))
-        self.w_out = nn.Parameter(torch.empty(n_experts, expert_hidden, d_model))
-        self.b_in = nn.Parameter(torch.empty(n_experts, expert_hidden)) if bias else None
-        self.b_out = nn.Parameter(torch.empty(n_experts, d_model)) if bias else None
+        first, last = (0, n_experts) if expert_range is None else expert_range
+        if not 0 <= first < last <= n_experts:
+            raise ValueError(f"expert range [{first}, {last}) is not in [0, {n_experts})")
+        held = last - first
+        self.n_experts, self.first_expert = held, first
+        self.d_model, self.expert_hidden = d_model, expert_hidden
+        self.w_in = nn.Parameter(torch.empty(held, d_model, expert_hidden))
+        self.w_out = nn.Parameter(torch.empty(held, expert_hidden, d_model))
+        self.b_in = nn.Parameter(torch.empty(held, expert_hidden)) if bias else None
+        self.b_out = nn.Parameter(torch.empty(held, d_model)) if bias else None
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        bound_in, bound_out = 1 / math.sqrt(self.d_model), 1 / math.sqrt(self.expert_hidden)
-        self.w_in.uniform_(-bound_in, bound_in)
-        self.w_out.uniform_(-bound_out, bound_out)
-        if self.b_in is not None:
-            self.b_in.uniform_(-bound_in, bound_in)
-            self.b_out.uniform_(-bound_out, bound_out)
-
-    @torch.no_grad()
-    def keep_experts(self, first: int, last: int) -> None:
-        """Keep experts [first, last) only, as they are: one rank's shard under expert
-        parallelism, cut from the tensors drawn for all experts."""
-        if not 0 <= first < last <= self.n_experts:
-            raise ValueError(f"expert range [{first}, {last}) is not in [0, {self.n_experts})")
-        if (first, last) == (0, self.n_experts):
+        device = self.w_in.device
+        if device.type == "meta":  # shapes only (e.g. counting parameters): nothing to draw
             return
-        for name in ("w_in", "w_out", "b_in", "b_out"):
-            if getattr(self, name) is not None:
-                setattr(self, name, nn.Parameter(getattr(self, name)[first:last].clone()))
-        self.n_experts = last - first
+        bound_in, bound_out = 1 / math.sqrt(self.d_model), 1 / math.sqrt(self.expert_hidden)
+        base_seed = int(torch.randint(2**62, (1,), device="cpu"))  # the one global draw
+        for local in range(self.n_experts):
+            generator = torch.Generator(device).manual_seed(base_seed + self.first_expert + local)
+            self.w_in[local].uniform_(-bound_in, bound_in, generator=generator)
+            self.w_out[local].uniform_(-bound_out, bound_out, generator=generator)
+            if self.b_in is not None:
+                self.b_in[local].uniform_(-bound_in, bound_in, generator=generator)
+                self.b_out[local].uniform_(-bound_out, bound_out, generator=generator)
 
     def forward(self, rows: Tensor, rows_per_expert: Tensor) -> Tensor:
         """rows: [N, D] expert-contiguous; rows_per_expert: [E] int64. Returns [N, D]."""

@@ -210,10 +210,11 @@ class MoELayer(nn.Module):
                         f"({value})"
                     )
             self.router = router
-        # All E experts are drawn from the seed on every rank, then cut to this rank's shard,
-        # so that any number of ranks starts from the same model as one process.
-        self.experts = BatchedExperts(n_experts, d_model, expert_hidden, self.config.expert_bias)
-        self.experts.keep_experts(first, last)
+        # This rank's experts only, drawn as one process draws them (BatchedExperts), so that
+        # any number of ranks starts from the same model.
+        self.experts = BatchedExperts(
+            n_experts, d_model, expert_hidden, self.config.expert_bias, (first, last)
+        )
 
     @classmethod
     def from_config(

@@ -11,6 +11,7 @@ import torch
 from lstm_moe.config import LMConfig, apply_overrides
 from lstm_moe.data import LaneBatches
 from lstm_moe.lm import LanguageModel
+from lstm_moe.moe.experts import BatchedExperts
 from lstm_moe.softmax import Softmax, log_uniform_log_prob, sample_log_uniform
 
 
@@ -124,7 +125,10 @@ def test_parameter_counts_are_the_whole_models_on_any_number_of_ranks():
     whole = LanguageModel(small_config())
     sharded = LanguageModel(small_config())
     moe = sharded.blocks[1].moe
-    moe.experts.keep_experts(0, moe.config.n_experts // 2)
+    cfg = moe.config
+    moe.experts = BatchedExperts(
+        cfg.n_experts, cfg.d_model, cfg.expert_hidden, cfg.expert_bias, (0, cfg.n_experts // 2)
+    )
     moe.group.world_size = 2  # what a ParallelGroup of 2 ranks reports
     held = sum(p.numel() for p in sharded.parameters())
     assert held < sum(p.numel() for p in whole.parameters())

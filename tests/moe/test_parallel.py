@@ -356,15 +356,18 @@ def test_received_rows_are_put_in_expert_order():
     assert _expert_major_order(torch.tensor([[1], [3]])) is None  # one expert per rank
 
 
-def test_keep_experts_slices_without_drawing():
+def test_a_shard_of_experts_is_drawn_as_one_process_draws_it():
+    torch.manual_seed(5)
     full = BatchedExperts(6, D, H, bias=True)
-    shard = BatchedExperts(6, D, H, bias=True)
-    shard.load_state_dict(full.state_dict())
-    state = torch.get_rng_state()
-    shard.keep_experts(2, 4)
-    assert torch.equal(torch.get_rng_state(), state)  # later draws are the same at any W
-    assert shard.n_experts == 2
+    after_full = torch.randn(3)  # what the global stream gives next
+    torch.manual_seed(5)
+    shard = BatchedExperts(6, D, H, bias=True, expert_range=(2, 4))
+    after_shard = torch.randn(3)
+    assert torch.equal(after_shard, after_full)  # later draws are the same at any W
+    assert (shard.n_experts, shard.first_expert) == (2, 2)
     for key, value in shard.state_dict().items():
         assert torch.equal(value, full.state_dict()[key][2:4]), key
+    # Experts are not copies of one another.
+    assert not torch.equal(full.w_in[0], full.w_in[1])
     with pytest.raises(ValueError, match="expert range"):
-        shard.keep_experts(1, 3)
+        BatchedExperts(6, D, H, expert_range=(4, 7))
