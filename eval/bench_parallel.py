@@ -129,7 +129,7 @@ def run_worker(args: argparse.Namespace) -> dict:
         timeout=datetime.timedelta(seconds=args.timeout),
     )
     try:
-        torch.manual_seed(0)  # the same model on every rank: all experts drawn, then sliced
+        torch.manual_seed(0)  # the same model at any W: rank r draws its experts only
         router = args.router
         if router == "switch":
             router = SwitchRouter(args.d_model, args.experts, args.k)

@@ -223,7 +223,8 @@ class Trainer:
             model_config.softmax == "sampled" and model_config.vocab_size > model_config.n_samples
         )
         torch.manual_seed(train_config.seed)
-        # Every rank draws the whole model from the same seed (experts sliced to its shard).
+        # Every rank draws the model from the same seed: the replicated parts whole, the
+        # experts only its own shard, as one process draws them (BatchedExperts).
         self.model = LanguageModel(model_config, self.ranks.process_group).to(self.device)
         if rank > 0:
             torch.manual_seed(rank_seed(train_config.seed, rank))
