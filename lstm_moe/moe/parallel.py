@@ -246,7 +246,9 @@ def mix_experts(
     world, rank = group.world_size, group.rank
     first, last = group.expert_range(n_experts)
     n_tokens = tokens.shape[0]
-    routed = _routed_counts(expert_index, n_experts, slot_priority)  # [C, E]
+    # Counts per slot only where a capacity makes the slots' order matter.
+    per_slot = slot_priority and capacity_factor is not None
+    routed = _routed_counts(expert_index, n_experts, per_slot)  # [C, E]
     classes = routed.shape[0]
     counts = group.gather(torch.cat([routed.reshape(-1), routed.new_tensor([n_tokens])]))
     routed_all = counts[:, :-1].view(world, classes, n_experts)  # [W, C, E]
