@@ -181,7 +181,7 @@ def clip_global_grad_norm(
 
 
 def rank_seed(seed: int, rank: int) -> int:
-    """The seed of rank r > 0's random stream (dropout, noise, sampled softmax), drawn after
+    """The seed of rank r > 0's random stream (dropout, router noise), drawn after
     the model: its own, so that ranks do not draw the same masks for different lanes. Rank 0
     keeps the one-process stream."""
     return (seed * 1_000_003 + rank) % 2**63

@@ -156,14 +156,21 @@ class LanguageModel(nn.Module):
             h = h + self.dropout(out)
         return LMOutput(h, new_state, aux_loss, moe_results)
 
-    def nll(self, hidden: Tensor, targets: Tensor, sampled: bool = False) -> Tensor:
+    def nll(
+        self,
+        hidden: Tensor,
+        targets: Tensor,
+        sampled: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
         """Per-token negative log-likelihood [T·B] of targets [T, B] given hidden [T, B, D];
-        `sampled` uses the importance-sampled estimate (training only)."""
+        `sampled` uses the importance-sampled estimate (training only), its candidates drawn
+        from `generator` (None: the global stream)."""
         flat_hidden = hidden.reshape(-1, hidden.shape[-1])  # [T·B, D]
         flat_targets = targets.reshape(-1)  # [T·B]
         use_sampled = sampled and self.config.softmax == "sampled"
         if use_sampled:
-            return self.softmax.sampled_nll(flat_hidden, flat_targets)
+            return self.softmax.sampled_nll(flat_hidden, flat_targets, generator)
         return self.softmax.nll(flat_hidden, flat_targets)
 
     # ------------------------------------------------------------------ size, as in Table 7

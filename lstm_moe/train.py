@@ -21,11 +21,12 @@ Started by `torchrun --nproc_per_node=W -m lstm_moe.train ...` it trains on W ra
 experts sharded and everything else data-parallel (lstm_moe.distributed): the `batch_size`
 lanes are split evenly over the ranks, and the updates are those of one process on the same
 batch, up to the order of floating-point sums, when the run draws nothing at random per token
-(no dropout, no router noise, the full softmax). Dropout masks, router noise and sampled-softmax
-candidates are drawn by each rank for its own tokens from its own stream: the same
-distributions as one process, other draws. With a capacity_factor the ranks keep the tokens
-one process keeps: the MoE layer takes its tokens lane by lane, and a rank's lanes are a
-contiguous block of the batch (lstm_moe.lm.MoEBlock). Validation runs on every rank over its
+(no dropout, no router noise). The sampled softmax's candidates are drawn per step from a
+generator keyed by the seed and the step, the same on every rank, so it is exact too. Dropout
+masks and router noise are drawn by each rank for its own tokens from its own stream: the
+same distributions as one process, other draws. With a capacity_factor the ranks keep the
+tokens one process keeps: the MoE layer takes its tokens lane by lane, and a rank's lanes are
+a contiguous block of the batch (lstm_moe.lm.MoEBlock). Validation runs on every rank over its
 lanes of the validation layout and is summed, so it equals one process's. Rank 0 writes
 config.json, metrics.jsonl and checkpoint.pt; every rank writes its expert shard
 (lstm_moe.checkpoint), and a run resumes, or is evaluated, at any number of ranks that divides
@@ -467,13 +468,16 @@ class Trainer:
         ):
             out = self.model(inputs, self.state)
         world = self.ranks.world_size
+        candidates = self.candidate_generator()
         if world == 1:
-            nll = self.model.nll(out.hidden, targets, sampled=True).mean()
+            nll = self.model.nll(out.hidden, targets, sampled=True, generator=candidates).mean()
             loss = nll + out.aux_loss
         else:
             # Σ_r loss_r is the one-process loss: the global mean NLL plus the aux loss
             # (which is already that of the global batch, on every rank).
-            nll_per_token = self.model.nll(out.hidden, targets, sampled=True)  # [T·B/W]
+            nll_per_token = self.model.nll(
+                out.hidden, targets, sampled=True, generator=candidates
+            )  # [T·B/W]
             global_tokens = nll_per_token.numel() * world
             loss = nll_per_token.sum() / global_tokens + out.aux_loss / world
             nll = self.ranks.sum(nll_per_token.detach().sum()) / global_tokens
@@ -509,6 +513,14 @@ class Trainer:
             stats[prefix + "max_over_mean_load"] = float(result.stats.max_over_mean_load)
             stats[prefix + "fraction_dropped"] = float(result.stats.fraction_dropped)
         return stats
+
+    def candidate_generator(self) -> torch.Generator:
+        """The sampled softmax's candidates for this step come from a generator keyed by the
+        run's seed and the step, the same on every rank: W ranks score their tokens against
+        the candidates one process draws, and a resumed run draws what an uninterrupted one
+        did."""
+        seed = (self.config.seed * 2_654_435_761 + self.step) % 2**63
+        return torch.Generator(self.device).manual_seed(seed)
 
     def validate(self) -> dict | None:
         from eval.perplexity import evaluate

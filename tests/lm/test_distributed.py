@@ -58,6 +58,7 @@ def new_run(data: Path, run: Path, max_steps: int, *extra: str) -> list[str]:
 
 
 CAPACITY = "--capacity_factor=0.5"  # drops tokens: the kept ones must be one process's
+SAMPLED = ("--softmax=sampled", "--n_samples=16")  # 16 candidates of a 43-word vocabulary
 
 
 def resume(run: Path, max_steps: int) -> list[str]:
@@ -90,12 +91,15 @@ def runs(tiny_dataset, tmp_path_factory):
     """one: 1 process, 20 steps (one_at_10: its checkpoint at step 10). two, four: 2 and 4
     ranks, 10 steps. one_then_two: one_at_10 resumed on 2 ranks to 20. two_then_one: two
     resumed by 1 process to 20. four_then_two: four resumed on 2 ranks to 20. capacity_one,
-    capacity_two: 1 process and 2 ranks, 10 steps with a capacity factor."""
+    capacity_two: 1 process and 2 ranks, 10 steps with a capacity factor; sampled_one,
+    sampled_two: the same with the sampled softmax."""
     root = tmp_path_factory.mktemp("distributed")
     names = ("one", "one_at_10", "two", "one_then_two", "two_then_one", "four", "four_then_two")
-    paths = {name: root / name for name in (*names, "capacity_one", "capacity_two")}
+    extra = ("capacity_one", "capacity_two", "sampled_one", "sampled_two")
+    paths = {name: root / name for name in (*names, *extra)}
     with no_noise():
         assert train_main(new_run(tiny_dataset, paths["capacity_one"], 10, CAPACITY)) == 0
+        assert train_main(new_run(tiny_dataset, paths["sampled_one"], 10, *SAMPLED)) == 0
         assert train_main(new_run(tiny_dataset, paths["one"], 10)) == 0
         shutil.copytree(paths["one"], paths["one_then_two"])
         shutil.copytree(paths["one"], paths["one_at_10"])
@@ -108,6 +112,7 @@ def runs(tiny_dataset, tmp_path_factory):
         resume(paths["one_then_two"], 20),
         resume(paths["four_then_two"], 20),
         new_run(tiny_dataset, paths["capacity_two"], 10, CAPACITY),
+        new_run(tiny_dataset, paths["sampled_two"], 10, *SAMPLED),
     ]
     mp.spawn(worker, args=(2, free_port(), jobs), nprocs=2, join=True)
     shutil.copytree(paths["two"], paths["two_then_one"])
@@ -141,6 +146,15 @@ def test_two_and_four_ranks_train_like_one_process(runs):
 def test_with_a_capacity_two_ranks_keep_the_tokens_one_process_keeps(runs):
     assert_same_metrics(runs["capacity_two"], runs["capacity_one"], range(1, 11))
     assert min(e["fraction_dropped"] for e in read_metrics(runs["capacity_one"])) > 0
+
+
+@pytest.mark.distributed
+def test_with_the_sampled_softmax_two_ranks_score_against_one_process_candidates(runs):
+    assert_same_metrics(runs["sampled_two"], runs["sampled_one"], range(1, 11))
+    config = json.loads((runs["sampled_one"] / "config.json").read_text())
+    assert config["model"]["softmax"] == "sampled"
+    # The sampled estimate differs from the exact loss of the same model and batch.
+    assert read_metrics(runs["sampled_one"])[0]["loss"] != read_metrics(runs["one"])[0]["loss"]
 
 
 @pytest.mark.distributed
