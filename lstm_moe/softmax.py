@@ -7,10 +7,14 @@ log-uniform proposal over the frequency-ranked vocabulary, Q(c) = log((c+2)/(c+1
 (data_prep.vocab assigns ids by decreasing frequency, so this is a Zipf-shaped guess of the
 unigram distribution). `<S>` (id 0) is never a target but stays in the proposal: its samples
 are what teach the model to give it no mass, which the exact softmax of evaluation counts. Each
-row's loss is a softmax over {its target} ∪ {candidates}, with every
-logit corrected by -log(S·Q(c)) (the expected number of times c was drawn), and candidates equal
-to the target removed ("accidental hits"). This is an estimate of the full softmax's gradient
-whose bias falls as S grows; evaluation never uses it.
+row's loss is -log of a softmax over {its target} ∪ {candidates}: the target's logit as it
+is, each candidate's corrected by -log(S·Q(c)) (the expected number of times c is drawn), and
+candidates equal to the target removed ("accidental hits"). The denominator is then
+e^{l_t} + Σ_s e^{l_s} / (S·Q(s)) over the other words, an unbiased importance-sampling estimate
+of the partition function, exact term for the target included, so the loss converges to the
+full softmax's as S grows. (Correcting the target's logit as well, as implementations that
+draw candidates without repeats do, would scale the other words' mass by S·Q(target) when
+candidates are drawn with repeats, as here.) Evaluation never uses it.
 """
 
 from __future__ import annotations
@@ -83,13 +87,13 @@ class Softmax(nn.Module):
             return self._sampled_nll(hidden.float(), targets, samples)
 
     def _sampled_nll(self, hidden: Tensor, targets: Tensor, samples: Tensor) -> Tensor:
-        log_expected = math.log(self.n_samples) + log_uniform_log_prob(
-            torch.cat([targets, samples]), self.vocab_size
-        )  # [N + S]
+        """hidden: [N, D] float32; targets: [N]; samples: [S] candidate ids, drawn from Q with
+        repeats. Returns [N]: log(e^{l_t} + Σ_{s ≠ t} e^{l_s} / (S·Q(s))) - l_t."""
+        n_samples = samples.numel()
+        log_expected = math.log(n_samples) + log_uniform_log_prob(samples, self.vocab_size)  # [S]
         true_logits = (hidden * self.weight[targets].float()).sum(-1) + self.bias[targets]  # [N]
         sample_logits = F.linear(hidden, self.weight[samples].float(), self.bias[samples])  # [N, S]
-        true_logits = true_logits - log_expected[: len(targets)]
-        sample_logits = sample_logits - log_expected[len(targets) :]
+        sample_logits = sample_logits - log_expected
         hit = targets[:, None] == samples[None, :]  # [N, S]
         sample_logits = sample_logits.masked_fill(hit, float("-inf"))
         logits = torch.cat([true_logits[:, None], sample_logits], dim=1)  # [N, 1 + S]

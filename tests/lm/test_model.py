@@ -48,19 +48,44 @@ def test_log_uniform_sampler_matches_its_probabilities():
     assert torch.allclose(freq, q, atol=5 * math.sqrt(0.25 / n))
 
 
-def test_sampled_softmax_converges_to_the_exact_loss():
-    """With many samples the importance-sampled partition function approaches the exact one
-    (accidental hits removed, the target counted once)."""
+@pytest.mark.parametrize("n_samples", [2_000, 40_000])
+def test_sampled_softmax_converges_to_the_exact_loss(n_samples):
+    """With many samples (drawn with repeats, more than the 50 words) the importance-sampled
+    partition function approaches the exact one (accidental hits removed, the target counted
+    once, exactly), and the closer the more samples."""
     torch.manual_seed(0)
-    softmax = Softmax(8, 50, n_samples=40_000)
+    softmax = Softmax(8, 50)
     hidden, targets = torch.randn(6, 8), torch.randint(0, 50, (6,))
     exact = softmax.nll(hidden, targets)
     g = torch.Generator().manual_seed(1)
-    estimate = softmax.sampled_nll(hidden, targets, g)
-    torch.testing.assert_close(estimate, exact, atol=0.03, rtol=0)
-    small = Softmax(8, 50, n_samples=16)  # a small sample gives a different (noisy) value
-    small.load_state_dict(softmax.state_dict())
-    assert not torch.allclose(small.sampled_nll(hidden, targets, g), exact, atol=1e-3)
+    estimate = softmax._sampled_nll(hidden, targets, sample_log_uniform(n_samples, 50, g))
+    tolerance = 10.0 / math.sqrt(n_samples)  # the estimate's spread falls as 1/√S
+    torch.testing.assert_close(estimate, exact, atol=tolerance, rtol=0)
+    small = softmax._sampled_nll(hidden, targets, sample_log_uniform(16, 50, g))
+    assert not torch.allclose(small, exact, atol=1e-3)  # a small sample is noisy
+
+
+def test_sampled_softmax_hand_computed():
+    """Four words, logits set by hand; samples [1, 3, 3, 0] for targets 3 and 2: the target's
+    logit enters as it is, each sample's as l_s - log(S·Q(s)), and a sample equal to the target
+    is dropped."""
+    softmax = Softmax(1, 4, n_samples=4)
+    logits = torch.tensor([0.5, -1.0, 2.0, 1.0])
+    with torch.no_grad():
+        softmax.weight.copy_(logits[:, None])
+        softmax.bias.zero_()
+    hidden, targets = torch.ones(2, 1), torch.tensor([3, 2])
+    samples = torch.tensor([1, 3, 3, 0])
+    q = [math.log((c + 2) / (c + 1)) / math.log(5) for c in range(4)]
+
+    def weight(c):
+        return math.exp(float(logits[c])) / (4 * q[c])
+
+    # Target 3: the two samples equal to 3 are accidental hits.
+    want_3 = math.log(math.exp(1.0) + weight(1) + weight(0)) - 1.0
+    want_2 = math.log(math.exp(2.0) + weight(1) + 2 * weight(3) + weight(0)) - 2.0
+    got = softmax._sampled_nll(hidden, targets, samples)
+    torch.testing.assert_close(got, torch.tensor([want_3, want_2]), atol=1e-5, rtol=1e-5)
 
 
 def test_exact_softmax_in_chunks_equals_one_shot(monkeypatch):
