@@ -75,7 +75,7 @@ def load_trained_model(run_dir: Path, device: torch.device):
     model_config = config_from_dict(LMConfig, run_config["model"])
     data_dir = Path(run_config["data"]["path"])
     meta = read_meta(data_dir)
-    ckpt = load_run_checkpoint(run_dir)
+    ckpt = load_run_checkpoint(run_dir, optimizer=False)
     if config_from_dict(LMConfig, ckpt["model_config"]) != model_config:
         raise ValueError(f"{run_dir}: config.json and checkpoint.pt describe different models")
     if ckpt["vocab_sha256"] != meta["vocab"]["sha256"]:
@@ -102,6 +102,7 @@ def load_run_checkpoint(
     map_location="cpu",
     group: ParallelGroup | None = None,
     expert_ids: set[int] = frozenset(),
+    optimizer: bool = True,
 ) -> dict:
     """checkpoint.pt of a run folder with its experts, whatever the number of ranks that saved
     it.
@@ -114,7 +115,8 @@ def load_run_checkpoint(
     reads only that slice, and shard 0, opened for its list of tensors, costs no more than
     that list when its experts are not needed.
     "rngs" maps each saving rank whose file was read to its random state; a rank of a run on
-    as many ranks as saved it always finds its own.
+    as many ranks as saved it always finds its own. optimizer=False (evaluation) leaves the
+    experts' optimizer moments unread.
     """
     run_dir = Path(run_dir)
     ckpt = load_checkpoint(run_dir / "checkpoint.pt", map_location)
@@ -173,7 +175,8 @@ def load_run_checkpoint(
 
     for name in shard(0)["model"]:
         ckpt["model"][name] = assemble(lambda s, name=name: s["model"][name])
-    for index, moments in shard(0)["optimizer_state"].items():
+    experts_moments = shard(0)["optimizer_state"] if optimizer else {}
+    for index, moments in experts_moments.items():
         ckpt["optimizer"]["state"][index] = {
             key: assemble(lambda s, index=index, key=key: s["optimizer_state"][index][key])
             if value.dim() > 0
@@ -196,9 +199,11 @@ def expert_parameter_indices(model: torch.nn.Module) -> set[int]:
 
 
 def rng_state() -> dict:
+    """This process's random state: the CPU stream and, with CUDA, its current GPU's only (a
+    rank owns one GPU; a run may resume where fewer GPUs are visible)."""
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -206,4 +211,4 @@ def set_rng_state(state: dict) -> None:
     # RNG states are CPU byte tensors whatever device the checkpoint was mapped to.
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+        torch.cuda.set_rng_state(state["cuda"].cpu())

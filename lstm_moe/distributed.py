@@ -42,23 +42,29 @@ class Distributed:
     local_rank: int = 0
     process_group: dist.ProcessGroup | None = None
     owns_group: bool = False
+    # gloo, with the long timeout of waits that last as long as a disk write (checkpoints).
+    io_group: dist.ProcessGroup | None = None
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     @classmethod
-    def from_env(cls, device: torch.device, timeout_s: float) -> Distributed:
+    def from_env(
+        cls, device: torch.device, timeout_s: float, io_timeout_s: float = 1800.0
+    ) -> Distributed:
         """Join the ranks described by torchrun's RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
         MASTER_PORT: gloo on the CPU, NCCL on CUDA. A collective that waits longer than
-        timeout_s (a rank died or hangs) raises instead of blocking forever. Without
-        WORLD_SIZE > 1 this is one process, and torch.distributed is left alone. A group that
-        is already initialised (by a caller) is used as it is."""
+        timeout_s (a rank died or hangs) raises instead of blocking forever; barrier_for_io
+        waits up to io_timeout_s. Without WORLD_SIZE > 1 this is one process, and
+        torch.distributed is left alone. A group that is already initialised (by a caller) is
+        used as it is."""
         if dist.is_available() and dist.is_initialized():
             world = dist.get_world_size()
             group = dist.group.WORLD if world > 1 else None
             local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
-            return cls(dist.get_rank(), world, local_rank, group, owns_group=False)
+            io_group = cls._new_io_group(io_timeout_s) if world > 1 else None
+            return cls(dist.get_rank(), world, local_rank, group, False, io_group)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return cls()
@@ -69,7 +75,13 @@ class Distributed:
         dist.init_process_group(
             backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s)
         )
-        return cls(rank, world, local_rank, dist.group.WORLD, owns_group=True)
+        io_group = cls._new_io_group(io_timeout_s)
+        return cls(rank, world, local_rank, dist.group.WORLD, True, io_group)
+
+    @staticmethod
+    def _new_io_group(timeout_s: float) -> dist.ProcessGroup:
+        """Every rank must call it together, right after joining."""
+        return dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
 
     def device(self, device: torch.device) -> torch.device:
         """One GPU per local rank."""
@@ -113,6 +125,12 @@ class Distributed:
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier(group=self.process_group)
+
+    def barrier_for_io(self) -> None:
+        """A barrier whose wait includes other ranks' disk writes: it gives up only after the
+        checkpoint timeout, not the collective one."""
+        if self.world_size > 1:
+            dist.barrier(group=self.io_group)
 
 
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

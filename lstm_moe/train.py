@@ -91,6 +91,8 @@ class TrainConfig:
     bf16: on CUDA, run under bf16 autocast (the router and the softmax stay in float32).
     dist_timeout: seconds a rank waits in a collective (on W > 1 ranks) before it gives up
         with an error: a rank that died or hangs stops the others instead of blocking them.
+    checkpoint_timeout: the same for the waits around writing a checkpoint, which last as
+        long as the slowest rank's disk (gigabytes at the paper's sizes).
     """
 
     batch_size: int = 32
@@ -112,6 +114,7 @@ class TrainConfig:
     bf16: bool = True
     threads: int | None = None
     dist_timeout: float = 60.0
+    checkpoint_timeout: float = 1800.0
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "bptt", "eval_every", "checkpoint_every", "log_every"):
@@ -131,8 +134,9 @@ class TrainConfig:
                 f"checkpoint_every ({self.checkpoint_every}) must be a multiple of log_every "
                 f"({self.log_every})"
             )
-        if self.dist_timeout <= 0:
-            raise ValueError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
+        for name in ("dist_timeout", "checkpoint_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
         if self.lr <= 0 or self.warmup_steps < 0:
             raise ValueError(
                 f"lr must be > 0 and warmup_steps >= 0, got {self.lr}, {self.warmup_steps}"
@@ -158,6 +162,7 @@ RESUMABLE_FIELDS = frozenset(
         "bf16",
         "threads",
         "dist_timeout",
+        "checkpoint_timeout",
     }
 )
 
@@ -335,7 +340,7 @@ class Trainer:
                 "rng": payload["rng"],
             },
         )
-        ranks.barrier()  # every shard is on disk before checkpoint.pt names them
+        ranks.barrier_for_io()  # every shard is on disk before checkpoint.pt names them
         if ranks.is_main:
             payload["model"] = {k: v for k, v in model.items() if not is_expert_tensor(k)}
             payload["optimizer"] = {
@@ -349,7 +354,7 @@ class Trainer:
                 for r in range(ranks.world_size)
             }
             remove_stale_shards(self.run_dir, keep)
-        ranks.barrier()  # no rank writes the next shards while old ones are removed
+        ranks.barrier_for_io()  # no rank writes the next shards while old ones are removed
 
     def restore(self) -> None:
         # Loaded to the CPU: RNG states must stay there; load_state_dict copies the rest.
@@ -408,7 +413,24 @@ class Trainer:
                 for h, c in ckpt["lstm_state"]
             ]
         self.step, self.tokens, self.elapsed = ckpt["step"], ckpt["tokens"], ckpt["elapsed"]
+        self._check_ranks_resumed_alike()
         self._truncate_metrics(self.step)
+
+    def _check_ranks_resumed_alike(self) -> None:
+        """Every rank must have read the same checkpoint: a run folder that is not shared by
+        all machines (a stale copy on one) would otherwise train replicas that drift apart."""
+        ranks = self.ranks
+        if ranks.world_size == 1:
+            return
+        mine = (float(self.step), float(self.tokens))
+        main = (ranks.broadcast_float(mine[0]), ranks.broadcast_float(mine[1]))
+        differs = torch.tensor(float(mine != main), device=self.device)
+        n_differ = int(ranks.sum(differs))
+        if n_differ:
+            raise ValueError(
+                f"{n_differ} of {ranks.world_size} ranks resumed another checkpoint than rank 0 "
+                f"(step {int(main[0])}); every rank must see the same run folder {self.run_dir}"
+            )
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop metrics logged after the checkpoint, so a resumed log has no duplicates."""
@@ -602,7 +624,8 @@ class Trainer:
             bar.close()
         if self.step % self.config.eval_every:
             last_valid = self.validate() or last_valid
-        self.save()
+        if self.step % self.config.checkpoint_every:  # else the loop has just saved it
+            self.save()
         return last_valid
 
 
@@ -660,7 +683,11 @@ def _start(
     resume: bool,
 ) -> Trainer:
     """Join the other ranks (when torchrun started several) and build the trainer."""
-    ranks = Distributed.from_env(resolve_device(train_config.device), train_config.dist_timeout)
+    ranks = Distributed.from_env(
+        resolve_device(train_config.device),
+        train_config.dist_timeout,
+        train_config.checkpoint_timeout,
+    )
     try:
         trainer = Trainer(run_dir, model_config, train_config, data_dir, preset, ranks)
         if resume:
@@ -714,8 +741,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         last = trainer.fit(progress=not args.quiet)
     except RuntimeError as error:
-        if ranks.world_size == 1:
-            raise
+        if ranks.world_size == 1 or isinstance(error, torch.OutOfMemoryError):
+            raise  # this rank's own failure, not a peer's
         # A collective raised (a peer closed its connection) or timed out (a peer hangs).
         # The group cannot be shut down cleanly with a rank missing; the process exit frees it.
         fail(ranks, error)

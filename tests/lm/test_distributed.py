@@ -15,6 +15,7 @@ plain processes and checks that the other exits with an error within --dist_time
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -155,6 +156,37 @@ def test_with_the_sampled_softmax_two_ranks_score_against_one_process_candidates
     assert config["model"]["softmax"] == "sampled"
     # The sampled estimate differs from the exact loss of the same model and batch.
     assert read_metrics(runs["sampled_one"])[0]["loss"] != read_metrics(runs["one"])[0]["loss"]
+
+
+def resume_worker(rank: int, world: int, port: int, runs: list[str], out: str) -> None:
+    """Rank r resumes runs[r]; writes its exit code and error output to out/rank."""
+    torch.set_num_threads(1)
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_PORT=str(port),
+        MASTER_ADDR="127.0.0.1",
+    )  # fmt: skip
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            code = train_main(resume(Path(runs[rank]), 30))
+        Path(out, str(rank)).write_text(f"{code}\n{errors.getvalue()}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_ranks_that_resume_different_checkpoints_stop(runs, tmp_path):
+    """Rank 0 sees a checkpoint of step 10, rank 1 one of step 20 (a stale or foreign copy of
+    the run folder): both stop with an error instead of training diverging replicas."""
+    for name in ("two", "one"):
+        shutil.copytree(runs[name], tmp_path / name)
+    folders = [str(tmp_path / "two"), str(tmp_path / "one")]
+    mp.spawn(resume_worker, args=(2, free_port(), folders, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        code, _, errors = (tmp_path / str(rank)).read_text().partition("\n")
+        assert code == "2", errors
+        assert "resumed another checkpoint than rank 0" in errors
 
 
 @pytest.mark.distributed
