@@ -88,7 +88,10 @@ class BatchwiseRouter(nn.Module):
             mask = batchwise_mask if self.training else gate_probs > self.thresholds.detach()
 
             masked = gate_probs * mask  # [T, E]
-            all_gates = masked / masked.sum(-1, keepdim=True).clamp(min=1e-30)  # Eq. 16
+            total = masked.sum(-1, keepdim=True)  # [T, 1]
+            # Eq. 16; a token no expert took keeps zero gates (divided by 1, not by ~0, which
+            # would inflate a selected gate value that underflowed).
+            all_gates = masked / torch.where(total > 0, total, 1.0)  # [T, E]
             # Compact the variable set of experts per token into K padded slots.
             slots = max(1, int(mask.sum(-1).max())) if n_tokens else 1
             scores = torch.where(mask, gate_probs, -1.0)

@@ -48,9 +48,12 @@ class _GroupedMatmul(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_rows = torch._grouped_mm(grad_out, weight.transpose(1, 2), offs=offsets)
         if ctx.needs_input_grad[1]:
-            # 2-D x 2-D with offsets along the reduction dim gives one [D, H] block per expert;
-            # experts that received no rows get zeros.
+            # 2-D x 2-D with offsets along the reduction dim gives one [D, H] block per expert.
+            # An expert that received no rows must get zeros: set them here rather than trust
+            # every kernel to write empty blocks.
             grad_weight = torch._grouped_mm(rows.t(), grad_out, offs=offsets)  # [E, D, H]
+            counts = torch.diff(offsets, prepend=offsets.new_zeros(1))  # [E]
+            grad_weight = grad_weight.masked_fill((counts == 0)[:, None, None], 0.0)
         return grad_rows, grad_weight, None
 
 

@@ -51,3 +51,17 @@ def test_bf16_autocast_keeps_router_and_mix_in_float32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = layer.eval()(x).output
     torch.testing.assert_close(low, reference, atol=5e-2, rtol=5e-2)
+
+
+def test_batchwise_gate_of_a_nearly_dead_expert_renormalises_to_one():
+    """In evaluation, a token whose only expert above its threshold has a gate value of ~1e-40
+    (a float32 subnormal) gets gate 1 from that expert (Eq. 16), not p / (a tiny floor)."""
+    from lstm_moe.moe import BatchwiseRouter
+
+    router = BatchwiseRouter(2, 2, 1).eval()
+    with torch.no_grad():
+        router.w_gate.copy_(torch.tensor([[0.0, -90.0], [0.0, 0.0]]))
+        router.thresholds.copy_(torch.tensor([2.0, 0.0]))  # expert 0 never, expert 1 always
+    routing = router(torch.tensor([[1.0, 0.0]]))  # G_σ = [1, e^-90]
+    assert routing.expert_index.tolist() == [[1]]
+    torch.testing.assert_close(routing.gates, torch.ones(1, 1))
