@@ -105,7 +105,10 @@ def _cv(values: torch.Tensor) -> float:
 def routing_summary(
     tokens_per_expert: torch.Tensor, importance: torch.Tensor, fraction_dropped: float
 ) -> dict:
-    """Balance of one MoE layer over a whole evaluation (Load here counts routed tokens)."""
+    """Balance of one MoE layer over a whole evaluation (Load here counts routed tokens).
+    The counts include the padded positions of the last window, which the perplexity leaves
+    out (the layer routes every position; at most batch_size · bptt of them).
+    fraction_dropped is the mean over windows."""
     return {
         "tokens_per_expert": tokens_per_expert.long().tolist(),
         "cv_load": _cv(tokens_per_expert),

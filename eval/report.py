@@ -56,7 +56,25 @@ def read_run(run: Path) -> dict:
             for layer in evaluation["moe_layers"]
         ],
         "entropy_floor": evaluation.get("entropy_floor"),
+        # What the test perplexity was measured on: runs are compared only if these agree.
+        "evaluated_on": {
+            "recipe_id": config["data"].get("recipe_id"),
+            "vocab_sha256": config["data"].get("vocab_sha256"),
+            "split": evaluation.get("split"),
+            "tokens": evaluation["tokens"],
+        },
     }
+
+
+def check_comparable(rows: list[dict]) -> None:
+    """Perplexities are comparable only on the same dataset, vocabulary, split and tokens."""
+    first = rows[0]
+    for row in rows[1:]:
+        if row["evaluated_on"] != first["evaluated_on"]:
+            raise ValueError(
+                f"{row['run']} was evaluated on {row['evaluated_on']}, but {first['run']} on "
+                f"{first['evaluated_on']}: their perplexities are not comparable"
+            )
 
 
 def _describe_moe(model: dict) -> str:
@@ -155,6 +173,7 @@ def plot(rows: list[dict], floor: dict | None, path: Path, title: str) -> None:
 
 def write_report(runs: list[Path], out: Path, title: str) -> dict:
     rows = [read_run(Path(run)) for run in runs]
+    check_comparable(rows)
     floor = next((r["entropy_floor"] for r in rows if r["entropy_floor"]), None)
     out.mkdir(parents=True, exist_ok=True)
     best = min(rows, key=lambda r: r["test_perplexity"])
@@ -196,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         summary = write_report(args.runs, args.out, args.title)
-    except (FileNotFoundError, KeyError, json.JSONDecodeError) as error:
+    except (FileNotFoundError, KeyError, ValueError, json.JSONDecodeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     for model in summary["models"]:

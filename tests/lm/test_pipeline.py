@@ -2,6 +2,7 @@
 `make demo` chains them (at a size that runs in seconds)."""
 
 import json
+import shutil
 
 from data_prep.synthetic import PRESETS, prepare_synthetic
 from eval.perplexity import main as perplexity_main
@@ -36,3 +37,11 @@ def test_prepare_train_resume_evaluate_report(tmp_path):
     report = (out / "report.md").read_text()
     assert "entropy floor" in report.lower() and "| moe |" in report
     assert (out / "valid_perplexity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # A run trained and evaluated on another dataset is not comparable: the report refuses it.
+    other = runs / "moe-other-data"
+    shutil.copytree(runs / "moe", other)
+    config = json.loads((other / "config.json").read_text())
+    config["data"]["recipe_id"] = "another"
+    (other / "config.json").write_text(json.dumps(config))
+    assert report_main([str(runs / "dense"), str(other), "--out", str(runs / "mixed")]) == 1
+    assert not (runs / "mixed" / "summary.json").exists()
