@@ -126,3 +126,12 @@ def test_batchwise_threshold_loss_hand_case():
     # dL/dT_1 = −(−1 + 1)/2 = 0 for expert 1 (the two errors pull in opposite directions).
     torch.testing.assert_close(thresholds.grad, torch.tensor([0.0, 0.0]))
     assert math.isfinite(loss.item())
+    # One error only: batchwise mask [[1, 0], [0, 0]] disagrees at (1, 1), where the threshold
+    # keeps 0.6 that the batch drops: L = (1 − 0)(0.6 − T_1)/2, so dL/dT_1 = −1/2 (gradient
+    # descent raises T_1 until it stops keeping that token).
+    thresholds.grad = None
+    one_error = torch.tensor([[True, False], [False, False]])
+    loss = batchwise_threshold_loss(values, thresholds, one_error)
+    assert loss.item() == pytest.approx(0.15)
+    loss.backward()
+    torch.testing.assert_close(thresholds.grad, torch.tensor([0.0, -0.5]))
