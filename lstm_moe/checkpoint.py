@@ -198,17 +198,24 @@ def expert_parameter_indices(model: torch.nn.Module) -> set[int]:
     return {i for i, name in enumerate(names) if is_expert_tensor(name)}
 
 
-def rng_state() -> dict:
-    """This process's random state: the CPU stream and, with CUDA, its current GPU's only (a
-    rank owns one GPU; a run may resume where fewer GPUs are visible)."""
+def rng_state(device: torch.device | None = None) -> dict:
+    """This process's random state: the CPU stream and, on a CUDA device, that GPU's (a rank
+    owns one GPU; a run may resume where fewer GPUs are visible)."""
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
     # RNG states are CPU byte tensors whatever device the checkpoint was mapped to.
     torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"].cpu())
+    cuda = state.get("cuda")
+    if cuda is None or device is None or device.type != "cuda":
+        return
+    if isinstance(cuda, list):  # every visible GPU's, as older checkpoints stored it
+        index = torch.device(device).index or 0
+        if index >= len(cuda):
+            return
+        cuda = cuda[index]
+    torch.cuda.set_rng_state(cuda.cpu(), device)

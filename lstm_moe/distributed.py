@@ -126,6 +126,18 @@ class Distributed:
         if self.world_size > 1:
             dist.barrier(group=self.process_group)
 
+    def count_differing_from_main(self, values: tuple[float, ...]) -> int:
+        """How many ranks hold other values than rank 0, known to every rank. On the I/O group:
+        ranks reach it after reading a checkpoint, each at its own disk's speed."""
+        if self.world_size == 1:
+            return 0
+        mine = torch.tensor(values, dtype=torch.float64)
+        main = mine.clone()
+        dist.broadcast(main, src=0, group=self.io_group)
+        differs = torch.tensor([float(not torch.equal(mine, main))])
+        dist.all_reduce(differs, group=self.io_group)
+        return int(differs)
+
     def barrier_for_io(self) -> None:
         """A barrier whose wait includes other ranks' disk writes: it gives up only after the
         checkpoint timeout, not the collective one."""

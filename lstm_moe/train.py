@@ -317,7 +317,7 @@ class Trainer:
             "model": model,
             "optimizer": optimizer,
             "schedule": self.schedule.state_dict(),
-            "rng": rng_state(),
+            "rng": rng_state(self.device),
             "lstm_state": self._full_lstm_state(),
             "step": self.step,
             "tokens": self.tokens,
@@ -357,7 +357,7 @@ class Trainer:
         ranks.barrier_for_io()  # no rank writes the next shards while old ones are removed
 
     def restore(self) -> None:
-        # Loaded to the CPU: RNG states must stay there; load_state_dict copies the rest.
+        # Loaded to the CPU: RNG states must stay there; the model's load_state_dict copies.
         # On W ranks each rank reads only its own experts (from any number of saved shards).
         group = ParallelGroup(self.ranks.process_group)
         experts = expert_parameter_indices(self.model)
@@ -398,18 +398,27 @@ class Trainer:
         # This rank's experts and its lanes of the LSTM state: any number of ranks.
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        # Adam keeps tensors that are already on the right device and dtype as they are: copy
+        # them out of the memory-mapped file, which the next save replaces.
+        for moments in self.optimizer.state.values():
+            for key, value in moments.items():
+                if isinstance(value, Tensor):
+                    moments[key] = value.clone()
         self.schedule.load_state_dict(ckpt["schedule"])
         rank = self.ranks.rank
         if ckpt.get("expert_shards", 1) == self.ranks.world_size:
-            set_rng_state(ckpt["rngs"][rank])
+            set_rng_state(ckpt["rngs"][rank], self.device)
         elif rank == 0:
-            set_rng_state(ckpt["rng"])
+            set_rng_state(ckpt["rng"], self.device)
         else:  # another number of ranks: a fresh stream of this rank's own
             torch.manual_seed(rank_seed(self.config.seed + ckpt["step"], rank))
         if ckpt["lstm_state"]:
             first, last = self._lanes(self.config.batch_size)
             self.state = [
-                (h[:, first:last].to(self.device), c[:, first:last].to(self.device))
+                (
+                    h[:, first:last].to(self.device, copy=True),
+                    c[:, first:last].to(self.device, copy=True),
+                )
                 for h, c in ckpt["lstm_state"]
             ]
         self.step, self.tokens, self.elapsed = ckpt["step"], ckpt["tokens"], ckpt["elapsed"]
@@ -420,16 +429,11 @@ class Trainer:
         """Every rank must have read the same checkpoint: a run folder that is not shared by
         all machines (a stale copy on one) would otherwise train replicas that drift apart."""
         ranks = self.ranks
-        if ranks.world_size == 1:
-            return
-        mine = (float(self.step), float(self.tokens))
-        main = (ranks.broadcast_float(mine[0]), ranks.broadcast_float(mine[1]))
-        differs = torch.tensor(float(mine != main), device=self.device)
-        n_differ = int(ranks.sum(differs))
+        n_differ = ranks.count_differing_from_main((float(self.step), float(self.tokens)))
         if n_differ:
             raise ValueError(
-                f"{n_differ} of {ranks.world_size} ranks resumed another checkpoint than rank 0 "
-                f"(step {int(main[0])}); every rank must see the same run folder {self.run_dir}"
+                f"{n_differ} of {ranks.world_size} ranks resumed another checkpoint than rank 0; "
+                f"every rank must see the same run folder {self.run_dir}"
             )
 
     def _truncate_metrics(self, step: int) -> None:
@@ -553,11 +557,11 @@ class Trainer:
         max_windows = None
         if self.config.eval_tokens:
             max_windows = max(1, math.ceil(self.config.eval_tokens / tokens_per_window))
-        rng = rng_state()  # validation must not change the training's random stream
+        rng = rng_state(self.device)  # validation must not change the training's random stream
         result = evaluate(
             self.model, self.valid_batches, self.device, max_windows, ranks=self.ranks
         )
-        set_rng_state(rng)
+        set_rng_state(rng, self.device)
         entry = {
             "kind": "valid",
             "step": self.step,

@@ -100,8 +100,9 @@ class BatchedExperts(nn.Module):
     expert parallelism), None for all n_experts. Each expert is initialised like an nn.Linear
     pair (uniform in ±1/√fan_in) from a generator of its own, seeded from one draw of the
     global random stream plus its global id: a shard holds exactly the values one process
-    draws for those experts, the global stream moves on by that one draw at any number of
-    ranks, and no rank ever materialises experts it does not hold.
+    draws for those experts (built on the same device type: CPU and CUDA generators differ),
+    the global stream moves on by that one draw at any number of ranks, and no rank ever
+    materialises experts it does not hold.
     """
 
     def __init__(

@@ -66,7 +66,7 @@ CAPACITY_FACTORS = (None, 0.5)
 
 
 def make_layer(case: str, capacity_factor, process_group=None) -> MoELayer:
-    """The same model at every world size: same seed, all experts drawn, then sliced."""
+    """The same model at every world size: same seed, each rank drawing its own experts."""
     torch.manual_seed(0)
     options = dict(CASES[case])
     n_experts, k, router = options.pop("n_experts"), options.pop("k"), options.pop("router")
