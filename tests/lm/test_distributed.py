@@ -72,13 +72,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def worker(rank: int, world: int, port: int, jobs: list[list[str]]) -> None:
+def join(rank: int, world: int, port: int) -> None:
+    """This spawned process becomes rank `rank` of `world`, as torchrun would set it up."""
     torch.set_num_threads(1)
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_PORT=str(port),
         MASTER_ADDR="127.0.0.1",
     )  # fmt: skip
     dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def worker(rank: int, world: int, port: int, jobs: list[list[str]]) -> None:
+    join(rank, world, port)
     try:
         with no_noise():
             for argv in jobs:
@@ -160,12 +165,7 @@ def test_with_the_sampled_softmax_two_ranks_score_against_one_process_candidates
 
 def resume_worker(rank: int, world: int, port: int, runs: list[str], out: str) -> None:
     """Rank r resumes runs[r]; writes its exit code and error output to out/rank."""
-    torch.set_num_threads(1)
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_PORT=str(port),
-        MASTER_ADDR="127.0.0.1",
-    )  # fmt: skip
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    join(rank, world, port)
     errors = io.StringIO()
     try:
         with contextlib.redirect_stderr(errors):
