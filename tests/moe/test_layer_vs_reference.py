@@ -4,7 +4,7 @@ router, dropless and with capacity, in training (noisy) and evaluation mode."""
 import pytest
 import torch
 
-from lstm_moe.moe import MoELayer
+from lstm_moe.moe import MoELayer, plan_dispatch
 
 from . import reference
 
@@ -93,3 +93,10 @@ def test_capacity_drops_in_token_order():
     capacity = 8  # ceil(0.5 · 40 tokens · 3 slots / 8 experts) = ceil(7.5)
     assert int(stats.tokens_per_expert.max()) <= capacity
     assert stats.fraction_dropped > 0
+    # Which pairs were kept: for every expert, the first `capacity` tokens routed to it.
+    routing = layer.router(x)
+    plan = plan_dispatch(routing.expert_index, 8, capacity)
+    kept = {(int(p) // 3, int(routing.expert_index.view(-1)[p])) for p in plan.pair_index}
+    for expert in range(8):
+        routed = [t for t in range(40) if expert in routing.expert_index[t].tolist()]
+        assert sorted(t for t, e in kept if e == expert) == routed[:capacity], expert
