@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT = "moe-repro-lm/1"
+from lstm_moe.files import FORMAT, read_meta, read_split, write_json_atomic, write_text_atomic
+
 SPLITS = ("train", "valid", "test")
 _CHUNK = 1 << 20  # ids buffered before each write
 
@@ -108,35 +109,9 @@ def write_split(path: Path, sentences: Iterable[list[int]], dtype: np.dtype, eos
     return writer.close()
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a text file so that it is either absent, the old one, or complete: write
-    `<name>.tmp`, then rename it over `path`. Every small output of the project goes this way."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
-def write_json_atomic(path: Path, data) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
-
-
 def write_meta(folder: Path, meta: dict) -> None:
     """Atomically write meta.json (the marker of a complete dataset)."""
     write_json_atomic(Path(folder) / "meta.json", {"format": FORMAT, **meta})
-
-
-def read_meta(folder: Path) -> dict:
-    path = Path(folder) / "meta.json"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: {folder} is not a prepared dataset (or its preparation did not"
-            " finish); run the data_prep command for it first"
-        )
-    meta = json.loads(path.read_text(encoding="utf-8"))
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    return meta
 
 
 def is_prepared(folder: Path, rid: str) -> bool:
@@ -157,25 +132,26 @@ def is_prepared(folder: Path, rid: str) -> bool:
     return True
 
 
-def read_split(folder: Path, split: str, meta: dict | None = None) -> np.ndarray:
-    """The split's token ids as a read-only memmap (no copy, whatever the size)."""
-    meta = read_meta(folder) if meta is None else meta
-    if split not in meta["splits"]:
-        raise KeyError(f"{folder} has no split {split!r}; it has {sorted(meta['splits'])}")
-    entry = meta["splits"][split]
-    path = Path(folder) / entry["file"]
-    ids = np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
-    if len(ids) != entry["tokens"]:
-        raise ValueError(
-            f"{path} holds {len(ids)} tokens but meta.json says {entry['tokens']}: the file is"
-            " truncated or was changed after preparation"
-        )
-    return ids
-
-
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     sha = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             sha.update(block)
     return sha.hexdigest()
+
+
+__all__ = [
+    "FORMAT",
+    "SPLITS",
+    "SplitWriter",
+    "file_sha256",
+    "is_prepared",
+    "read_meta",  # from lstm_moe.files, where the readers of this format live
+    "read_split",
+    "recipe_id",
+    "token_dtype",
+    "write_json_atomic",
+    "write_meta",
+    "write_split",
+    "write_text_atomic",
+]

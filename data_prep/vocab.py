@@ -16,9 +16,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from lstm_moe.files import BOS_ID, EOS_ID, UNK_ID
+
 BOS, EOS, UNK = "<S>", "</S>", "<UNK>"
 SPECIALS = (BOS, EOS, UNK)
-BOS_ID, EOS_ID, UNK_ID = 0, 1, 2
+# Their ids (BOS_ID, EOS_ID, UNK_ID) are the dataset format's, from lstm_moe.files.
+assert tuple(SPECIALS.index(s) for s in SPECIALS) == (BOS_ID, EOS_ID, UNK_ID)
 
 
 def count_words(sentences: Iterable[list[str]], counts: Counter | None = None) -> Counter:
@@ -93,7 +96,7 @@ class Vocabulary:
 
     def save(self, path: Path) -> str:
         """Write `vocab.txt` atomically; returns its sha256."""
-        from data_prep.binarize import write_text_atomic
+        from lstm_moe.files import write_text_atomic
 
         text = "".join(f"{w}\t{c}\n" for w, c in zip(self.words, self.counts, strict=True))
         write_text_atomic(path, text)

@@ -20,11 +20,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from data_prep.binarize import read_split, write_json_atomic
-from data_prep.vocab import EOS_ID
 from lstm_moe.checkpoint import load_trained_model
 from lstm_moe.data import LaneBatches
 from lstm_moe.distributed import Distributed
+from lstm_moe.files import EOS_ID, read_split, write_json_atomic
 from lstm_moe.lm import LanguageModel, detach_state
 from lstm_moe.runtime import resolve_device
 

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from data_prep.binarize import write_json_atomic, write_text_atomic
+from lstm_moe.files import write_json_atomic, write_text_atomic
 
 
 def read_run(run: Path) -> dict:

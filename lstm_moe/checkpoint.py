@@ -63,8 +63,8 @@ def load_trained_model(run_dir: Path, device: torch.device):
     run_config, checkpoint step, tokens trained)."""
     import json
 
-    from data_prep.binarize import read_meta
     from lstm_moe.config import LMConfig, config_from_dict
+    from lstm_moe.files import read_meta
     from lstm_moe.lm import LanguageModel
 
     run_dir = Path(run_dir)

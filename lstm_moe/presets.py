@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from data_prep.binarize import write_json_atomic
 from lstm_moe.config import LMConfig
+from lstm_moe.files import write_json_atomic
 
 _MOE = ("lstm", "moe", "lstm")
 

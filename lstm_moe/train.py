@@ -47,8 +47,6 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from data_prep.binarize import read_meta, read_split, write_json_atomic, write_text_atomic
-from data_prep.vocab import EOS_ID
 from lstm_moe.checkpoint import (
     expert_parameter_indices,
     load_run_checkpoint,
@@ -74,6 +72,7 @@ from lstm_moe.distributed import (
     split_parameters,
     sum_replicated_grads,
 )
+from lstm_moe.files import EOS_ID, read_meta, read_split, write_json_atomic, write_text_atomic
 from lstm_moe.lm import LanguageModel, detach_state
 from lstm_moe.moe.parallel import ParallelGroup, is_expert_tensor
 from lstm_moe.presets import get_preset

@@ -1,0 +1,91 @@
+"""The files every stage shares: atomic text/JSON writes, JSON reads whose errors name the
+file, and the reader of the binarized dataset format that data_prep writes and training reads.
+
+It sits below everything else: data_prep writes through it, and the engine, the tasks and the
+evaluation commands read through it, so none of them imports another stage for its I/O.
+
+A dataset folder holds `vocab.txt`, `train.bin`, `valid.bin`, `test.bin` (token ids,
+native-endian unsigned ints, each sentence as its ids followed by `</S>`) and `meta.json`,
+written last (data_prep.binarize).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = "moe-repro-lm/1"
+# The vocabulary's special ids, fixed by the format (data_prep.vocab spells them).
+BOS_ID, EOS_ID, UNK_ID = 0, 1, 2
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file so that it is either absent, the old one, or complete: write
+    `<name>.tmp`, then rename it over `path`. Every small output of the project goes this way."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def write_json_atomic(path: Path, data) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def read_json(path: Path):
+    """The JSON value in `path`; a malformed file is a ValueError that names it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text") from None
+
+
+def read_meta(folder: Path) -> dict:
+    """meta.json of a prepared dataset folder, checked to be of this format."""
+    path = Path(folder) / "meta.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: {folder} is not a prepared dataset (or its preparation did not"
+            " finish); run the data_prep command for it first"
+        )
+    meta = read_json(path)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{path}: format {found!r}, expected {FORMAT!r}")
+    return meta
+
+
+def read_split(folder: Path, split: str, meta: dict | None = None) -> np.ndarray:
+    """The split's token ids as a read-only memmap (no copy, whatever the size)."""
+    meta = read_meta(folder) if meta is None else meta
+    if split not in meta["splits"]:
+        raise KeyError(f"{folder} has no split {split!r}; it has {sorted(meta['splits'])}")
+    entry = meta["splits"][split]
+    path = Path(folder) / entry["file"]
+    if entry["tokens"] == 0:
+        raise ValueError(f"{path} is empty: prepare the dataset again with text in that split")
+    ids = np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
+    if len(ids) != entry["tokens"]:
+        raise ValueError(
+            f"{path} holds {len(ids)} tokens but meta.json says {entry['tokens']}: the file is"
+            " truncated or was changed after preparation"
+        )
+    return ids
+
+
+__all__ = [
+    "BOS_ID",
+    "EOS_ID",
+    "FORMAT",
+    "UNK_ID",
+    "read_json",
+    "read_meta",
+    "read_split",
+    "write_json_atomic",
+    "write_text_atomic",
+]
