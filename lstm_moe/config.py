@@ -8,12 +8,23 @@ w_importance = w_load = 0.1, DropProb 0.1, a sampled softmax for the 793,471-wor
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from lstm_moe.moe import MoEConfig
+from lstm_moe.moe.layer import ROUTERS
 
 LAYER_KINDS = ("lstm", "moe", "ffn")
 SOFTMAX_KINDS = ("full", "sampled")
+# Allowed values of string fields, by field name (shown by --help, checked by the configs).
+CHOICES = {"layers": LAYER_KINDS, "softmax": SOFTMAX_KINDS, "router": tuple(ROUTERS)}
+
+
+def _paper_moe() -> MoEConfig:
+    """The paper's LM layer: 32 experts of hidden width 1024, k = 4 (App. C.1)."""
+    return MoEConfig(d_model=512, n_experts=32, expert_hidden=1024)
 
 
 @dataclass(frozen=True)
@@ -26,8 +37,8 @@ class LMConfig:
     d_model: width of the embedding, of every layer's output and of the MoE's input/output.
     lstm_hidden: LSTM cells. When it differs from d_model the LSTM's output is projected down
         to d_model and fed back (the LSTMP of Sak et al. 2014), as in LSTM-2048-512 and MoE-143M.
-    n_experts, expert_hidden, k, router, n_groups, k_groups, capacity_factor, w_importance,
-        w_load, noise_epsilon: the MoE layer (lstm_moe.moe.MoEConfig).
+    moe: the MoE layer (lstm_moe.moe.MoEConfig); its d_model is this config's. Its fields are
+        set flat on the command line (`--n_experts=64`, `--router=switch`).
     ffn_hidden: hidden widths of the dense "ffn" layer (one ReLU layer per entry): (4096,) is
         MoE-1-Wide, (1024,) * 4 is MoE-1-Deep.
     dropout: DropProb, applied to every layer's output except the softmax.
@@ -41,16 +52,7 @@ class LMConfig:
     layers: tuple[str, ...] = ("lstm", "moe", "lstm")
     d_model: int = 512
     lstm_hidden: int = 512
-    n_experts: int = 32
-    expert_hidden: int = 1024
-    k: int = 4
-    router: str = "noisy_topk"
-    n_groups: int | None = None
-    k_groups: int = 2
-    capacity_factor: float | None = None
-    w_importance: float = 0.1
-    w_load: float = 0.1
-    noise_epsilon: float = 1e-2
+    moe: MoEConfig = field(default_factory=_paper_moe)
     ffn_hidden: tuple[int, ...] = (4096,)
     dropout: float = 0.1
     softmax: str = "sampled"
@@ -68,25 +70,11 @@ class LMConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.softmax not in SOFTMAX_KINDS:
             raise ValueError(f"softmax must be one of {SOFTMAX_KINDS}, got {self.softmax!r}")
-        if "moe" in self.layers:
-            self.moe_config()  # validates the MoE fields with their own messages
+        if self.moe.d_model != self.d_model:  # the layer's width is the model's
+            object.__setattr__(self, "moe", dataclasses.replace(self.moe, d_model=self.d_model))
 
-    def moe_config(self):
-        from lstm_moe.moe import MoEConfig
-
-        return MoEConfig(
-            d_model=self.d_model,
-            n_experts=self.n_experts,
-            expert_hidden=self.expert_hidden,
-            k=self.k,
-            router=self.router,
-            n_groups=self.n_groups,
-            k_groups=self.k_groups,
-            capacity_factor=self.capacity_factor,
-            w_importance=self.w_importance,
-            w_load=self.w_load,
-            noise_epsilon=self.noise_epsilon,
-        )
+    def moe_config(self) -> MoEConfig:
+        return self.moe
 
 
 # ----------------------------------------------------------------------------- overrides
@@ -118,20 +106,94 @@ def _parse_value(text: str, hint, name: str):
     raise TypeError(f"--{name}: unsupported field type {hint}")
 
 
+def _nested_fields(cls) -> dict[str, str]:
+    """Fields of `cls`'s nested config dataclasses that are set flat: name -> the field of
+    `cls` holding them (a name `cls` has itself stays its own)."""
+    hints = typing.get_type_hints(cls)
+    own = {f.name for f in dataclasses.fields(cls)}
+    nested = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            for inner in dataclasses.fields(hints[f.name]):
+                if inner.name not in own:
+                    nested[inner.name] = f.name
+    return nested
+
+
+def field_names(cls) -> set[str]:
+    """Every name `apply_overrides` accepts for `cls`: its fields (a nested config's fields
+    flat, not the nested field itself)."""
+    hints = typing.get_type_hints(cls)
+    own = {f.name for f in dataclasses.fields(cls) if not dataclasses.is_dataclass(hints[f.name])}
+    return own | set(_nested_fields(cls))
+
+
+def nearest_names(name: str, names) -> list[str]:
+    return difflib.get_close_matches(name.replace("-", "_"), sorted(names), n=3, cutoff=0.6)
+
+
 def apply_overrides(config, overrides: dict[str, str]):
-    """Return a copy of a config dataclass with string overrides parsed to each field's type.
-    Unknown names raise a ValueError listing the valid ones."""
-    hints = typing.get_type_hints(type(config))
-    names = {f.name for f in dataclasses.fields(config)}
-    changes = {}
+    """Return a copy of a config dataclass with overrides (strings from the command line are
+    parsed to each field's type; other values are taken as they are). A nested config's
+    fields are set flat (LMConfig: `n_experts`, not `moe`). Unknown names raise a ValueError
+    naming the nearest valid ones."""
+    cls = type(config)
+    hints = typing.get_type_hints(cls)
+    nested = _nested_fields(cls)
+    valid = field_names(cls)
+    changes: dict = {}
+    inner_changes: dict[str, dict] = {}
     for name, text in overrides.items():
         key = name.replace("-", "_")
-        if key not in names:
-            raise ValueError(
-                f"unknown option --{name} for {type(config).__name__}; valid: {sorted(names)}"
-            )
+        if key not in valid:
+            near = nearest_names(key, valid)
+            hint = f"; did you mean {', '.join('--' + n for n in near)}?" if near else ""
+            raise ValueError(f"unknown option --{name} for {cls.__name__}{hint}")
+        if key in nested:
+            inner_changes.setdefault(nested[key], {})[key] = text
+            continue
         changes[key] = _parse_value(text, hints[key], name) if isinstance(text, str) else text
+    for holder, values in inner_changes.items():
+        changes[holder] = apply_overrides(getattr(config, holder), values)
     return dataclasses.replace(config, **changes)
+
+
+def describe_fields(cls, resumable: frozenset[str] = frozenset(), defaults=None) -> list[str]:
+    """One line per field for --help: `--name=TYPE (default VALUE)`, its allowed values, and
+    whether --resume may change it. defaults: an instance whose values to show."""
+    defaults = cls() if defaults is None else defaults
+    hints = typing.get_type_hints(cls)
+    lines = []
+    for f in dataclasses.fields(cls):
+        value, hint = getattr(defaults, f.name), hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            own = {g.name for g in dataclasses.fields(cls)}
+            inner = [line for line in describe_fields(hint, resumable, value)]
+            lines += [line for line in inner if line.split("=")[0].strip()[2:] not in own]
+            continue
+        text = f"  --{f.name}={_type_name(hint)} (default {_show(value)})"
+        if f.name in CHOICES:
+            text += f", one of {', '.join(CHOICES[f.name])}"
+        if f.name in resumable:
+            text += "; --resume may change it"
+        lines.append(text)
+    return lines
+
+
+def _type_name(hint) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _type_name(options[0]) + "|none"
+    if origin is tuple:
+        return _type_name(typing.get_args(hint)[0]) + ",..."
+    return getattr(hint, "__name__", str(hint))
+
+
+def _show(value) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or "()"
+    return "none" if value is None else str(value)
 
 
 def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -151,26 +213,43 @@ def config_to_dict(config) -> dict:
 
 
 def config_from_dict(cls, data: dict):
-    """Rebuild a config saved with config_to_dict (lists become tuples again)."""
+    """Rebuild a config saved with config_to_dict (lists become tuples again, nested configs
+    their dataclass). A nested config's fields found flat (as LMConfig saved them before it
+    nested MoEConfig) are moved into it."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    data = dict(data)
+    for name, holder in _nested_fields(cls).items():
+        if name in data:
+            data.setdefault(holder, {})
+            if isinstance(data[holder], dict):
+                data[holder] = {**data[holder], name: data.pop(name)}
     unknown = set(data) - names
     if unknown:
         raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}")
     values = {}
     for key, value in data.items():
-        if typing.get_origin(hints[key]) is tuple and value is not None:
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            if "d_model" in names and "d_model" in {f.name for f in dataclasses.fields(hint)}:
+                value = {"d_model": data.get("d_model", 512), **value}
+            value = config_from_dict(hint, value)
+        elif typing.get_origin(hint) is tuple and value is not None:
             value = tuple(value)
         values[key] = value
     return cls(**values)
 
 
 __all__ = [
+    "CHOICES",
     "LAYER_KINDS",
     "SOFTMAX_KINDS",
     "LMConfig",
     "apply_overrides",
     "config_from_dict",
     "config_to_dict",
+    "describe_fields",
+    "field_names",
+    "nearest_names",
     "split_overrides",
 ]

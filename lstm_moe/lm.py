@@ -58,13 +58,17 @@ class MoEBlock(nn.Module):
 
     def __init__(self, config: LMConfig, process_group: dist.ProcessGroup | None = None):
         super().__init__()
-        self.moe = MoELayer.from_config(config.moe_config(), process_group)
+        self.moe = MoELayer.from_config(config.moe, process_group)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, MoEOutput]:
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, MoEOutput]:
         # x: [T, B, D], routed as T·B tokens in one call, lane by lane ([B, T] order): under a
         # capacity the earliest tokens in that order are kept, and since each rank holds a
         # contiguous block of lanes, W ranks then keep exactly the tokens one process keeps.
-        result = self.moe(x.movedim(0, -2))  # [B, T, D] ([B, D] for one step stays as it is)
+        # mask: [T, B] bool, False on padding, which the layer does not route.
+        tokens = x.movedim(0, -2)  # [B, T, D] ([B, D] for one step stays as it is)
+        # Without padding the layer is called without a mask ([B, T] when there is one).
+        masked = {} if mask is None else {"mask": mask.movedim(0, -1)}
+        result = self.moe(tokens, **masked)
         return torch.sigmoid(result.output.movedim(-2, 0)), result  # [T, B, D]
 
     def ops_per_timestep(self) -> int:
@@ -136,8 +140,14 @@ class LanguageModel(nn.Module):
     def initial_state(self) -> list[LSTMState | None]:
         return [None] * sum(isinstance(b, LSTMBlock) for b in self.blocks)
 
-    def forward(self, inputs: Tensor, state: list[LSTMState | None] | None = None) -> LMOutput:
-        """inputs: [T, B] int64 token ids; state: from the previous window (or None)."""
+    def forward(
+        self,
+        inputs: Tensor,
+        state: list[LSTMState | None] | None = None,
+        mask: Tensor | None = None,
+    ) -> LMOutput:
+        """inputs: [T, B] int64 token ids; state: from the previous window (or None); mask:
+        [T, B] bool, False at padded positions (the MoE layers route only the others)."""
         state = self.initial_state() if state is None else state
         h = self.dropout(self.embedding(inputs))  # [T, B, D]
         new_state: list[LSTMState] = []
@@ -148,7 +158,7 @@ class LanguageModel(nn.Module):
                 out, layer_state = block(h, state[len(new_state)])
                 new_state.append(layer_state)
             elif isinstance(block, MoEBlock):
-                out, result = block(h)
+                out, result = block(h, mask)
                 moe_results.append(result)
                 aux_loss = aux_loss + result.aux_loss
             else:

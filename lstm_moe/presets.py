@@ -21,46 +21,44 @@ import torch
 
 from lstm_moe.config import LMConfig
 from lstm_moe.files import write_json_atomic
+from lstm_moe.moe import MoEConfig
 
 _MOE = ("lstm", "moe", "lstm")
+
+
+def _moe(n_experts: int, d_model: int = 512, expert_hidden: int = 1024, **options) -> MoEConfig:
+    return MoEConfig(d_model=d_model, n_experts=n_experts, expert_hidden=expert_hidden, **options)
+
 
 PRESETS: dict[str, LMConfig] = {
     "4xLSTM-512": LMConfig(layers=("lstm",) * 4),
     "LSTM-2048-512": LMConfig(layers=("lstm",), lstm_hidden=2048),
     "MoE-1-Wide": LMConfig(layers=("lstm", "ffn", "lstm"), ffn_hidden=(4096,)),
     "MoE-1-Deep": LMConfig(layers=("lstm", "ffn", "lstm"), ffn_hidden=(1024,) * 4),
-    "MoE-4": LMConfig(layers=_MOE, n_experts=4, k=4),
-    "MoE-32": LMConfig(layers=_MOE, n_experts=32, k=4),
-    "MoE-256": LMConfig(layers=_MOE, n_experts=256, k=4),
+    "MoE-4": LMConfig(layers=_MOE, moe=_moe(4, k=4)),
+    "MoE-32": LMConfig(layers=_MOE, moe=_moe(32, k=4)),
+    "MoE-256": LMConfig(layers=_MOE, moe=_moe(256, k=4)),
     # Hierarchical: first-level branching 16 (the paper's GPU count), k = 2 at each level.
-    "MoE-256-h": LMConfig(layers=_MOE, n_experts=256, router="hierarchical", n_groups=16, k=2),
+    "MoE-256-h": LMConfig(layers=_MOE, moe=_moe(256, router="hierarchical", n_groups=16, k=2)),
     "MoE-1024-h": LMConfig(
-        layers=_MOE, n_experts=1024, router="hierarchical", n_groups=16, k=2, dropout=0.2
+        layers=_MOE, moe=_moe(1024, router="hierarchical", n_groups=16, k=2), dropout=0.2
     ),
     "MoE-4096-h": LMConfig(
-        layers=_MOE, n_experts=4096, router="hierarchical", n_groups=16, k=2, dropout=0.2
+        layers=_MOE, moe=_moe(4096, router="hierarchical", n_groups=16, k=2), dropout=0.2
     ),
     # The two larger-compute models: width 1024, 4B parameters in the MoE layer.
     "MoE-34M": LMConfig(
         layers=_MOE,
         d_model=1024,
         lstm_hidden=1024,
-        n_experts=1024,
-        expert_hidden=2048,
-        router="hierarchical",
-        n_groups=16,
-        k=2,
+        moe=_moe(1024, 1024, 2048, router="hierarchical", n_groups=16, k=2),
         dropout=0.3,
     ),
     "MoE-143M": LMConfig(
         layers=_MOE,
         d_model=1024,
         lstm_hidden=4096,  # projected to 1024 (Sak et al. 2014)
-        n_experts=256,
-        expert_hidden=8192,
-        router="hierarchical",
-        n_groups=16,
-        k=2,
+        moe=_moe(256, 1024, 8192, router="hierarchical", n_groups=16, k=2),
         dropout=0.4,
     ),
 }

@@ -14,6 +14,7 @@ from .losses import cv_squared, prob_in_top_k
 from .parallel import (
     ExpertDispatch,
     ParallelGroup,
+    expert_tensor_names,
     gather_state_dict,
     shard_state_dict,
     share_capacity,
@@ -36,6 +37,7 @@ __all__ = [
     "combine_rows",
     "cv_squared",
     "expert_capacity",
+    "expert_tensor_names",
     "gather_rows",
     "gather_state_dict",
     "grouped_matmul",

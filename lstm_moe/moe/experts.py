@@ -105,6 +105,11 @@ class BatchedExperts(nn.Module):
     materialises experts it does not hold.
     """
 
+    # Every tensor registered here is [E/W, ...], one block per expert: expert parallelism
+    # shards it instead of replicating it (parallel.expert_tensor_names). A subclass that adds
+    # a tensor (a GLU's gate) gets it sharded, reduced and saved as an expert tensor.
+    holds_expert_shard = True
+
     def __init__(
         self,
         n_experts: int,

@@ -44,9 +44,6 @@ from torch import Tensor, nn
 
 from .dispatch import DispatchPlan, combine_rows, expert_capacity, gather_rows, plan_dispatch
 
-# The tensors of BatchedExperts, the only ones expert parallelism shards.
-EXPERT_TENSORS = ("w_in", "w_out", "b_in", "b_out")
-
 
 class _SumOverRanks(torch.autograd.Function):
     """Σ over ranks of x. Every rank holds a copy of the sum, so the gradient of x is the sum
@@ -97,19 +94,99 @@ class _AllToAll(torch.autograd.Function):
 
 
 class ParallelGroup:
-    """The ranks whose local batches make up one batch, and which split the experts.
+    """The ranks whose local batches make up one batch, and which split the experts: the one
+    wrapper around torch.distributed that the layer, the training engine and evaluation share.
 
     process_group: a torch.distributed group, or None for this process alone. With one rank
     every collective below is the identity and torch.distributed is never called.
+    host_group: a gloo group for small host-side values (token counts, a time budget), so
+    they never wait on a GPU stream; the process group itself when it is gloo. io_group: a
+    gloo group with a long timeout, for waits that last as long as a disk write (checkpoints).
+    Both default to process_group. local_rank: this rank's GPU on its machine. owns_group: the
+    group was created for this process, and close() destroys it.
     """
 
-    def __init__(self, process_group: dist.ProcessGroup | None = None) -> None:
+    def __init__(
+        self,
+        process_group: dist.ProcessGroup | None = None,
+        *,
+        host_group: dist.ProcessGroup | None = None,
+        io_group: dist.ProcessGroup | None = None,
+        local_rank: int | None = None,
+        owns_group: bool = False,
+    ) -> None:
         self.process_group = process_group
+        self.host_group = process_group if host_group is None else host_group
+        self.io_group = process_group if io_group is None else io_group
+        self.owns_group = owns_group
         if process_group is None:
             self.world_size, self.rank = 1, 0
         else:
             self.world_size = dist.get_world_size(process_group)
             self.rank = dist.get_rank(process_group)
+        self.local_rank = self.rank if local_rank is None else local_rank
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def describe(self) -> str:
+        return f"rank {self.rank} of {self.world_size}"
+
+    def print(self, *args, **kwargs) -> None:
+        """print() on rank 0 only."""
+        if self.is_main:
+            print(*args, **kwargs)
+
+    def device(self, device: torch.device) -> torch.device:
+        """One GPU per local rank."""
+        if self.world_size > 1 and device.type == "cuda" and device.index is None:
+            return torch.device("cuda", self.local_rank)
+        return device
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+        self.owns_group = False
+
+    def sum_host(self, values: list[float]) -> list[float]:
+        """Σ over ranks of a few host numbers (float64 on the host group, exact for integer
+        counts below 2^53): no GPU stream is waited on."""
+        if self.world_size == 1:
+            return list(values)
+        x = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(x, group=self.host_group)
+        return x.tolist()
+
+    def broadcast_float(self, value: float) -> float:
+        """Rank 0's value on every rank: decisions (a time budget) must agree."""
+        if self.world_size == 1:
+            return value
+        x = torch.tensor([value], dtype=torch.float64)
+        dist.broadcast(x, src=0, group=self.host_group)
+        return float(x)
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier(group=self.host_group)
+
+    def barrier_for_io(self) -> None:
+        """A barrier whose wait includes other ranks' disk writes: it gives up only after the
+        checkpoint timeout, not the collective one."""
+        if self.world_size > 1:
+            dist.barrier(group=self.io_group)
+
+    def count_differing_from_main(self, values: tuple[float, ...]) -> int:
+        """How many ranks hold other values than rank 0, known to every rank. On the I/O group:
+        ranks reach it after reading a checkpoint, each at its own disk's speed."""
+        if self.world_size == 1:
+            return 0
+        mine = torch.tensor(values, dtype=torch.float64)
+        main = mine.clone()
+        dist.broadcast(main, src=0, group=self.io_group)
+        differs = torch.tensor([float(not torch.equal(mine, main))])
+        dist.all_reduce(differs, group=self.io_group)
+        return int(differs)
 
     def expert_range(self, n_experts: int) -> tuple[int, int]:
         """[first, last) of the global expert ids this rank holds."""
@@ -277,30 +354,43 @@ def mix_experts(
     return output, ExpertDispatch(plan, kept_all.sum(0), routed_all.sum((0, 1)), total_tokens)
 
 
-def is_expert_tensor(name: str) -> bool:
-    """Whether a state-dict key names a tensor of BatchedExperts, [E, ...] by expert."""
-    parts = name.split(".")
-    return len(parts) >= 2 and parts[-2] == "experts" and parts[-1] in EXPERT_TENSORS
+def expert_tensor_names(module: nn.Module) -> set[str]:
+    """State-dict names of the expert tensors in `module`: [E/W, ...] shards by expert, which
+    expert parallelism splits over ranks instead of replicating. A module says that it holds
+    such tensors by setting `holds_expert_shard = True` (BatchedExperts does): every parameter
+    and buffer it registers itself is then an expert tensor, whatever its name, so a new one
+    (a GLU's gate, say) is sharded, reduced and saved with the others."""
+    names = set()
+    for prefix, sub in module.named_modules():
+        if getattr(sub, "holds_expert_shard", False):
+            owned = [*sub.named_parameters(recurse=False), *sub.named_buffers(recurse=False)]
+            names.update(f"{prefix}.{name}" if prefix else name for name, _ in owned)
+    return names
 
 
-def shard_state_dict(state: dict[str, Tensor], group: ParallelGroup) -> dict[str, Tensor]:
-    """This rank's share of a full (one-process) state dict: every expert tensor [E, ...] is cut
-    to this rank's experts [L, ...]; every other tensor is replicated and kept as it is."""
+def shard_state_dict(
+    state: dict[str, Tensor], group: ParallelGroup, expert_names: set[str]
+) -> dict[str, Tensor]:
+    """This rank's share of a full (one-process) state dict: every expert tensor [E, ...]
+    (expert_names, from expert_tensor_names) is cut to this rank's experts [L, ...]; every
+    other tensor is replicated and kept as it is."""
     shard = {}
     for name, value in state.items():
-        if is_expert_tensor(name):
+        if name in expert_names:
             first, last = group.expert_range(value.shape[0])
             value = value[first:last].clone()
         shard[name] = value
     return shard
 
 
-def gather_state_dict(state: dict[str, Tensor], group: ParallelGroup) -> dict[str, Tensor]:
+def gather_state_dict(
+    state: dict[str, Tensor], group: ParallelGroup, expert_names: set[str]
+) -> dict[str, Tensor]:
     """The full state dict, on every rank, from each rank's shard: expert tensors [L, ...] are
     gathered in rank order into [E, ...]. Every rank of the group must call it together."""
     full = {}
     for name, value in state.items():
-        if is_expert_tensor(name):
+        if name in expert_names:
             value = group.gather(value).flatten(0, 1)  # [W, L, ...] -> [E, ...]
         full[name] = value
     return full
@@ -309,8 +399,8 @@ def gather_state_dict(state: dict[str, Tensor], group: ParallelGroup) -> dict[st
 __all__ = [
     "ExpertDispatch",
     "ParallelGroup",
+    "expert_tensor_names",
     "gather_state_dict",
-    "is_expert_tensor",
     "mix_experts",
     "shard_state_dict",
     "share_capacity",

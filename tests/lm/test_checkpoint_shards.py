@@ -6,12 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lstm_moe.checkpoint import load_run_checkpoint, save_checkpoint, shard_path
+from lstm_moe.engine.checkpoint import load_run_checkpoint, save_checkpoint, shard_path
 from lstm_moe.moe.parallel import ParallelGroup
 
 N_EXPERTS, SAVED_WORLD, STEP = 8, 4, 5
 W_IN, W_OUT = "moe.experts.w_in", "moe.experts.w_out"
-EXPERT_ID, OTHER_ID = 1, 0  # optimizer ids: an expert tensor and a replicated one
+# Optimizer state is keyed by parameter name: an expert tensor's and a replicated one's.
+EXPERT_ID, OTHER_ID = W_IN, "lstm.weight"
+EXPERTS = {W_IN, W_OUT}
 
 
 def group_of(rank: int, world_size: int) -> ParallelGroup:
@@ -34,6 +36,14 @@ def full():
 
 def common(full) -> dict:
     return {
+        "task": "test",
+        "model_config": {},
+        "task_config": {},
+        "train_config": {},
+        "schedule": {},
+        "task_state": {},
+        "tokens": 0,
+        "elapsed": 0.0,
         "step": STEP,
         "model": {"lstm.weight": full["lstm.weight"]},
         "optimizer": {
@@ -87,7 +97,7 @@ def test_each_rank_gets_its_experts_at_any_world_size(tmp_path, full, world):
     save_sharded(tmp_path, full)
     per_rank = N_EXPERTS // world
     for rank in range(world):
-        ckpt = load_run_checkpoint(tmp_path, group=group_of(rank, world), expert_ids={EXPERT_ID})
+        ckpt = load_run_checkpoint(tmp_path, group=group_of(rank, world), expert_names=EXPERTS)
         check_experts(ckpt, full, rank * per_rank, (rank + 1) * per_rank)
         if world == SAVED_WORLD:  # the same number of ranks resumes each rank's own stream
             assert int(ckpt["rngs"][rank][0]) == rank
@@ -98,10 +108,10 @@ def test_a_rank_reads_only_the_shards_holding_its_experts(tmp_path, full):
     # Rank 0 of 2 holds experts 0-3, saved by ranks 0 and 1: a broken shard 3 is never read
     # (shard 0 is always opened, for its list of tensors).
     shard_path(tmp_path, STEP, 3, SAVED_WORLD).write_bytes(b"not a checkpoint")
-    ckpt = load_run_checkpoint(tmp_path, group=group_of(0, 2), expert_ids={EXPERT_ID})
+    ckpt = load_run_checkpoint(tmp_path, group=group_of(0, 2), expert_names=EXPERTS)
     check_experts(ckpt, full, 0, 4)
     with pytest.raises(ValueError, match="not a readable checkpoint"):
-        load_run_checkpoint(tmp_path, group=group_of(1, 2), expert_ids={EXPERT_ID})
+        load_run_checkpoint(tmp_path, group=group_of(1, 2), expert_names=EXPERTS)
 
 
 def test_a_missing_shard_is_named(tmp_path, full):
@@ -121,6 +131,6 @@ def test_one_process_checkpoint_sliced_per_rank(tmp_path, full):
     save_checkpoint(tmp_path / "checkpoint.pt", state)
     check_experts(load_run_checkpoint(tmp_path), full, 0, N_EXPERTS)
     for rank in range(4):
-        ckpt = load_run_checkpoint(tmp_path, group=group_of(rank, 4), expert_ids={EXPERT_ID})
+        ckpt = load_run_checkpoint(tmp_path, group=group_of(rank, 4), expert_names=EXPERTS)
         check_experts(ckpt, full, 2 * rank, 2 * rank + 2)
         assert list(ckpt["rngs"]) == [0]

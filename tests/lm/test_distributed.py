@@ -1,4 +1,4 @@
-"""Language-model training on 2 gloo ranks (lstm_moe.distributed) equals one process.
+"""Language-model training on 2 gloo ranks (lstm_moe.engine.ranks) equals one process.
 
 The runs draw nothing at random per token, so that one process and 2 ranks must agree: no
 dropout, the full softmax, and the router's noise replaced by zeros (torch.randn_like patched,
@@ -33,9 +33,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from eval.perplexity import main as perplexity_main
-from lstm_moe.config import LMConfig
-from lstm_moe.distributed import Distributed
-from lstm_moe.train import TrainConfig, Trainer
+from lstm_moe.config import LMConfig, apply_overrides
+from lstm_moe.moe.parallel import ParallelGroup
+from lstm_moe.tasks.lm import LanguageModelTask, LMTaskConfig
 from lstm_moe.train import main as train_main
 from tests.lm.test_train import SMALL, read_metrics
 
@@ -231,11 +231,15 @@ def test_multi_rank_checkpoints_evaluate_in_one_process(runs):
     assert valid["nll_per_token"] == pytest.approx(valid_at_10[0]["valid_nll"], **TOL)
 
 
-def test_the_batch_must_split_evenly_over_the_ranks(tiny_dataset, tmp_path):
-    model = LMConfig(vocab_size=43, d_model=8, lstm_hidden=8, n_experts=6, expert_hidden=8)
-    with pytest.raises(ValueError, match="multiples of the number of ranks"):
-        Trainer(tmp_path, model, TrainConfig(batch_size=8), tiny_dataset,
-                ranks=Distributed(rank=0, world_size=3))  # fmt: skip
+def test_the_batch_must_split_evenly_over_the_ranks(tiny_dataset):
+    small = dict(vocab_size=43, d_model=8, lstm_hidden=8, n_experts=6, expert_hidden=8)
+    model = apply_overrides(LMConfig(), small)
+    three = ParallelGroup()
+    three.world_size = 3  # what a ParallelGroup of 3 ranks reports
+    with pytest.raises(ValueError, match="multiple of the number of ranks"):
+        LanguageModelTask(model, LMTaskConfig(batch_size=8), tiny_dataset, three)
+    with pytest.raises(ValueError, match="times micro_batches"):
+        LanguageModelTask(model, LMTaskConfig(batch_size=8), tiny_dataset, micro_batches=3)
 
 
 @pytest.mark.distributed

@@ -100,10 +100,8 @@ def test_exact_softmax_in_chunks_equals_one_shot(monkeypatch):
 
 
 def small_config(**changes) -> LMConfig:
-    base = LMConfig(
-        vocab_size=30, d_model=8, lstm_hidden=8, n_experts=4, k=2, expert_hidden=8, softmax="full"
-    )
-    return apply_overrides(base, changes)
+    small = dict(vocab_size=30, d_model=8, lstm_hidden=8, n_experts=4, k=2, expert_hidden=8)
+    return apply_overrides(LMConfig(), {**small, "softmax": "full", **changes})
 
 
 def test_moe_runs_on_all_time_steps_at_once():

@@ -51,7 +51,7 @@ def test_training_lowers_the_loss_and_evaluates(tiny_dataset, tmp_path):
     for key in ("importance", "load", "cv_load", "max_over_mean_load", "tokens_per_s", "ppl"):
         assert key in entry
     config = json.loads((run / "config.json").read_text())
-    assert config["model"]["n_experts"] == 4 and config["train"]["max_steps"] == 60
+    assert config["model"]["moe"]["n_experts"] == 4 and config["train"]["max_steps"] == 60
     assert perplexity_main([str(run)]) == 0
     result = json.loads((run / "eval" / "perplexity.json").read_text())
     meta = json.loads((tiny_dataset / "meta.json").read_text())

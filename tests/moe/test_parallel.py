@@ -36,6 +36,7 @@ import torch.multiprocessing as mp
 from lstm_moe.moe import (
     MoELayer,
     ParallelGroup,
+    expert_tensor_names,
     gather_state_dict,
     plan_dispatch,
     shard_state_dict,
@@ -168,10 +169,10 @@ def check_layer_case(checks, case, capacity_factor, training, world, rank):
     single = make_layer(case, capacity_factor).train(training)
     sharded = make_layer(case, capacity_factor, dist.group.WORLD).train(training)
     # The same model at any world size; the shards gather back into the full state dict.
-    full_state = single.state_dict()
-    for key, value in shard_state_dict(full_state, group).items():
+    full_state, experts = single.state_dict(), expert_tensor_names(single)
+    for key, value in shard_state_dict(full_state, group, experts).items():
         checks.close(f"{name}: initial {key}", sharded.state_dict()[key], value, exact=True)
-    for key, value in gather_state_dict(sharded.state_dict(), group).items():
+    for key, value in gather_state_dict(sharded.state_dict(), group, experts).items():
         checks.close(f"{name}: gathered {key}", value, full_state[key], exact=True)
 
     want, want_x_grad = run_layer(single, x, projection, world, noise, 0)

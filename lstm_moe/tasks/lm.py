@@ -1,0 +1,396 @@
+"""Language modelling (Shazeer et al. 2017, §5.1-5.2, App. C.1) as a task of the engine: the
+paper's LSTM-MoE language model on a binarized token stream (data_prep), its lanes carried
+across windows (truncated backpropagation through time), and per-word perplexity.
+
+The batch of a step is `batch_size` lanes × `bptt` steps of one token stream
+(lstm_moe.data.LaneBatches). On W ranks with M micro-batches, rank r holds the contiguous
+block of lanes [r·B/W, (r+1)·B/W) and its micro-batch m the m-th sub-block of that, each
+carrying its own LSTM state, so the lanes of a step (and their states) are those of one process
+with one batch, in the same order. The MoE layers take their tokens lane by lane, so with a
+capacity W ranks keep exactly the tokens one process keeps (lstm_moe.lm.MoEBlock).
+
+The sampled softmax's candidates are drawn per step from a generator keyed by the seed and
+the step, the same on every rank and for every micro-batch: W ranks score their tokens against
+the candidates one process draws, and a resumed run draws what an uninterrupted one did.
+
+Perplexity is exp(Σ -log p(target) / N) over every target of the split, where N counts each
+word plus one `</S>` per sentence: "sum over all words including the end of sentence symbol"
+(§5.1, following Jozefowicz et al. 2016). It always uses the exact full softmax.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from lstm_moe.config import LMConfig, config_from_dict
+from lstm_moe.data import LaneBatches
+from lstm_moe.engine.checkpoint import load_run_checkpoint
+from lstm_moe.engine.task import StepOutput
+from lstm_moe.files import EOS_ID, read_json, read_meta, read_split
+from lstm_moe.lm import LanguageModel, detach_state
+from lstm_moe.moe.parallel import ParallelGroup, expert_tensor_names
+from lstm_moe.tasks.common import data_fingerprint, routing_stats
+
+# Validation reads the valid split in windows of this many steps, over at most this many
+# lanes (fewer when the training batch is smaller).
+VALID_BPTT = 50
+VALID_MAX_LANES = 16
+
+
+@dataclass(frozen=True)
+class LMTaskConfig:
+    """batch_size lanes × bptt steps = tokens per step (over all ranks and micro-batches).
+    eval_tokens: validation targets used each time (0 = the whole split)."""
+
+    batch_size: int = 32
+    bptt: int = 20
+    eval_tokens: int = 100_000
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "bptt"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_tokens < 0:
+            raise ValueError(f"eval_tokens must be >= 0, got {self.eval_tokens}")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.bptt
+
+    @property
+    def valid_lanes(self) -> int:
+        return min(self.batch_size, VALID_MAX_LANES)
+
+
+class LanguageModelTask:
+    """The LSTM language model of App. C.1 on a prepared dataset folder (data_prep.*)."""
+
+    name = "lm"
+    model_config_class = LMConfig
+    config_class = LMTaskConfig
+    resumable_fields = frozenset({"eval_tokens"})
+
+    def __init__(
+        self,
+        model_config: LMConfig,
+        config: LMTaskConfig,
+        data_dir: Path,
+        group: ParallelGroup | None = None,
+        micro_batches: int = 1,
+        seed: int = 1,
+    ):
+        """micro_batches: how many the engine splits each step into (TrainConfig); seed: the
+        run's, which keys the sampled softmax's candidates."""
+        self.model_config, self.config = model_config, config
+        self.seed = seed
+        self.group = ParallelGroup() if group is None else group
+        self.data_dir = Path(data_dir)
+        self.meta = read_meta(self.data_dir)
+        if model_config.vocab_size != self.meta["vocab"]["size"]:
+            raise ValueError(
+                f"model vocab_size {model_config.vocab_size} != dataset vocabulary "
+                f"{self.meta['vocab']['size']} ({self.data_dir})"
+            )
+        world = self.group.world_size
+        if config.batch_size % (world * micro_batches) or config.valid_lanes % world:
+            raise ValueError(
+                f"batch_size ({config.batch_size}) must be a multiple of the number of ranks "
+                f"({world}) times micro_batches ({micro_batches}), and the validation lanes "
+                f"(min(batch_size, {VALID_MAX_LANES}) = {config.valid_lanes}) a multiple of "
+                "the number of ranks"
+            )
+        self.micro_batches = micro_batches
+        self.sampled = model_config.softmax == "sampled" and (
+            model_config.vocab_size > model_config.n_samples
+        )
+        train_ids = read_split(self.data_dir, "train", self.meta)
+        self.train_batches = [
+            LaneBatches(
+                train_ids,
+                config.batch_size,
+                config.bptt,
+                EOS_ID,
+                keep_remainder=False,
+                lanes=self._lanes(config.batch_size, micro, micro_batches),
+            )
+            for micro in range(micro_batches)
+        ]
+        self.valid_batches = None
+        if "valid" in self.meta["splits"]:
+            self.valid_batches = LaneBatches(
+                read_split(self.data_dir, "valid", self.meta),
+                config.valid_lanes,
+                VALID_BPTT,
+                EOS_ID,
+                keep_remainder=True,
+                lanes=self._lanes(config.valid_lanes),
+            )
+        self.states: list[list | None] = [None] * micro_batches  # LSTM state per micro-batch
+
+    def _lanes(self, batch_size: int, micro: int = 0, micro_batches: int = 1) -> tuple[int, int]:
+        """This rank's lanes of a batch_size-lane layout, or of one of its micro-batches."""
+        share = batch_size // (self.group.world_size * micro_batches)
+        first = (self.group.rank * micro_batches + micro) * share
+        return first, first + share
+
+    # ------------------------------------------------------------------ the engine's interface
+
+    def build_model(self) -> nn.Module:
+        return LanguageModel(self.model_config, self.group.process_group)
+
+    def train_batch(self, step: int, micro: int, micro_batches: int):
+        batches = self.train_batches[micro]
+        return batches.window(step % len(batches))
+
+    def count_targets(self, batch) -> int:
+        return int(batch.mask.sum())
+
+    def forward(
+        self, model: nn.Module, batch, step: int, micro: int, device: torch.device
+    ) -> StepOutput:
+        if batch.first:
+            self.states[micro] = None
+        inputs, targets = batch.inputs.to(device), batch.targets.to(device)
+        state = self.states[micro]
+        if state is not None:  # a no-op but after a resume, which loads it on the CPU
+            state = [(h.to(device), c.to(device)) for h, c in state]
+        out = model(inputs, state)
+        nll = model.nll(
+            out.hidden, targets, sampled=True, generator=self.candidate_generator(step, device)
+        )  # [T·B], the sampled estimate when the softmax is sampled
+        self.states[micro] = detach_state(out.state)
+        return StepOutput(nll.sum(), out.aux_loss, routing_stats(out.moe))
+
+    def candidate_generator(self, step: int, device: torch.device) -> torch.Generator:
+        """The sampled softmax's candidates for a step: keyed by the run's seed and the step,
+        not drawn from the global stream, so every rank and every micro-batch of the step
+        scores against the same candidates, and a resumed run draws what an uninterrupted
+        one did."""
+        seed = (self.seed * 2_654_435_761 + step) % 2**63
+        return torch.Generator(device).manual_seed(seed)
+
+    def validate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
+        if self.valid_batches is None:
+            return {}
+        tokens_per_window = self.valid_batches.batch_size * self.valid_batches.bptt  # all ranks
+        max_windows = None
+        if self.config.eval_tokens:
+            max_windows = max(1, math.ceil(self.config.eval_tokens / tokens_per_window))
+        result = evaluate(model, self.valid_batches, device, max_windows, group=self.group)
+        entry = {
+            "valid_nll": result["nll_per_token"],
+            "valid_ppl": result["perplexity"],
+            "valid_tokens": result["tokens"],
+        }
+        for layer, summary in enumerate(result["moe_layers"]):
+            entry[f"moe{layer}_valid_cv_load"] = summary["cv_load"]
+            entry[f"moe{layer}_valid_max_over_mean_load"] = summary["max_over_mean_load"]
+        return entry
+
+    def state_dict(self) -> dict:
+        """The LSTM state of all lanes, [1, B, D] per tensor, gathered in lane order (ranks,
+        then micro-batches), or None before the first step."""
+        if any(state is None for state in self.states):
+            return {"lstm_state": None}
+        layers = []
+        for layer in range(len(self.states[0])):
+            tensors = []
+            for i in range(2):  # h, c
+                mine = torch.cat([state[layer][i] for state in self.states], dim=1)
+                everyone = self.group.gather(mine)  # [W, 1, B/W, D]
+                tensors.append(torch.cat(list(everyone), dim=1))  # [1, B, D]
+            layers.append(tensors)
+        return {"lstm_state": layers}
+
+    def load_state_dict(self, state: dict) -> None:
+        full = state["lstm_state"]
+        if not full:
+            self.states = [None] * self.micro_batches
+            return
+        self.states = []
+        for micro in range(self.micro_batches):
+            first, last = self._lanes(self.config.batch_size, micro, self.micro_batches)
+            self.states.append(
+                [(h[:, first:last].clone(), c[:, first:last].clone()) for h, c in full]
+            )
+
+    def record(self, model: nn.Module) -> dict:
+        return {
+            "data": data_fingerprint(self.data_dir, self.meta),
+            "ops_per_timestep": model.ops_per_timestep(),
+            "params_excl_embedding_softmax": model.params_excluding_embedding_softmax(),
+            "total_params": model.total_params(),
+        }
+
+    def check_resume(self, saved_record: dict, source: str) -> None:
+        saved = saved_record["data"]
+        if saved["recipe_id"] != self.meta.get("recipe_id"):
+            raise ValueError(
+                f"{self.data_dir} (recipe {self.meta.get('recipe_id')}) is not the dataset "
+                f"{source} was trained on (recipe {saved['recipe_id']})"
+            )
+        if saved["vocab_sha256"] != self.meta["vocab"]["sha256"]:
+            raise ValueError(
+                f"the vocabulary of {self.data_dir} (sha256 {self.meta['vocab']['sha256'][:12]}) "
+                f"is not the one {source} was trained with ({saved['vocab_sha256'][:12]})"
+            )
+
+    def loss_metrics(self, loss: float) -> dict[str, float]:
+        return {("sampled_ppl" if self.sampled else "ppl"): math.exp(min(loss, 50.0))}
+
+    def progress_total(self, max_tokens: int) -> int | None:
+        return math.ceil(max_tokens / self.config.tokens_per_step)
+
+    def summary(self, model: nn.Module) -> str:
+        return (
+            f"{model.ops_per_timestep() / 1e6:.2f}M ops/timestep, "
+            f"{model.params_excluding_embedding_softmax() / 1e6:.2f}M params excl. embedding "
+            f"and softmax, {model.total_params() / 1e6:.1f}M total"
+        )
+
+    # ------------------------------------------------------------------ the command line
+
+    @staticmethod
+    def presets() -> dict[str, LMConfig]:
+        from lstm_moe.presets import PRESETS
+
+        return PRESETS
+
+    @staticmethod
+    def dataset_overrides(data_dir: Path) -> dict:
+        """Model fields a new run takes from its dataset: the vocabulary size."""
+        return {"vocab_size": read_meta(data_dir)["vocab"]["size"]}
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(
+    model: LanguageModel,
+    batches: LaneBatches,
+    device: torch.device,
+    max_windows: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = False,
+    group: ParallelGroup | None = None,
+) -> dict:
+    """Exact negative log-likelihood over the windows of `batches` (all, or the first
+    `max_windows`). Returns nll, tokens, perplexity and per-MoE-layer routing statistics.
+
+    The last window's padded positions are masked: the MoE layers route none of them, so
+    they use no capacity and are in no statistic. group: every rank evaluates its lanes of
+    the same layout (batches.lanes) with its share of the experts, and the sums are taken
+    over ranks; the routing statistics already are."""
+    group = ParallelGroup() if group is None else group
+    was_training = model.training
+    model.eval()
+    n_windows = len(batches) if max_windows is None else min(max_windows, len(batches))
+    nll_sum, n_tokens = 0.0, 0
+    state = None
+    routed: list[Tensor] = []
+    importance: list[Tensor] = []
+    dropped: list[float] = []
+    windows = range(n_windows)
+    if progress:
+        windows = tqdm(windows, desc="evaluate", unit="window", leave=False)
+    try:
+        for index in windows:
+            window = batches.window(index)
+            inputs, targets = window.inputs.to(device), window.targets.to(device)
+            mask = window.mask.to(device)
+            if window.first:
+                state = None
+            with torch.autocast(device.type, autocast_dtype, enabled=autocast_dtype is not None):
+                out = model(inputs, state)
+            state = detach_state(out.state)
+            nll = model.nll(out.hidden, targets).view_as(targets)  # [T, B]
+            nll_sum += float(nll[mask].double().sum())
+            n_tokens += int(mask.sum())
+            for layer, result in enumerate(out.moe):
+                if len(routed) <= layer:
+                    routed.append(
+                        torch.zeros_like(result.stats.tokens_per_expert, dtype=torch.float64)
+                    )
+                    importance.append(
+                        torch.zeros_like(result.stats.importance, dtype=torch.float64)
+                    )
+                    dropped.append(0.0)
+                routed[layer] += result.stats.tokens_per_expert.double()
+                importance[layer] += result.stats.importance.double()
+                dropped[layer] += float(result.stats.fraction_dropped)
+    finally:
+        model.train(was_training)
+    nll_sum, n_tokens = group.sum_host([nll_sum, float(n_tokens)])
+    n_tokens = int(n_tokens)
+    mean_nll = nll_sum / max(n_tokens, 1)
+    return {
+        "nll_per_token": mean_nll,
+        "perplexity": math.exp(mean_nll),
+        "tokens": n_tokens,
+        "moe_layers": [
+            routing_summary(r, i, d / max(n_windows, 1))
+            for r, i, d in zip(routed, importance, dropped, strict=True)
+        ],
+    }
+
+
+def _cv(values: Tensor) -> float:
+    mean = values.mean()
+    return float(values.std(unbiased=False) / mean) if mean > 0 else 0.0
+
+
+def routing_summary(tokens_per_expert: Tensor, importance: Tensor, fraction_dropped: float) -> dict:
+    """Balance of one MoE layer over a whole evaluation (Load here counts routed tokens, the
+    real ones only). fraction_dropped is the mean over windows."""
+    return {
+        "tokens_per_expert": tokens_per_expert.long().tolist(),
+        "cv_load": _cv(tokens_per_expert),
+        "cv_importance": _cv(importance),
+        "max_over_mean_load": float(tokens_per_expert.max() / tokens_per_expert.mean())
+        if tokens_per_expert.mean() > 0
+        else 0.0,
+        "unused_experts": int((tokens_per_expert == 0).sum()),
+        "fraction_dropped": fraction_dropped,
+    }
+
+
+def load_trained_model(run_dir: Path, device: torch.device):
+    """The model of a run folder (config.json + checkpoint.pt), its experts reassembled from
+    however many ranks saved them, with its dataset's folder and meta.json, after checking
+    that they belong together. Returns (model, data_dir, meta, run_config, checkpoint step,
+    tokens trained)."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found: is {run_dir} a training run?")
+    run_config = read_json(config_path)
+    if run_config.get("task", "lm") != LanguageModelTask.name:
+        raise ValueError(f"{run_dir} is a {run_config['task']!r} run, not a language model")
+    model_config = config_from_dict(LMConfig, run_config["model"])
+    data_dir = Path(run_config["data"]["path"])
+    meta = read_meta(data_dir)
+    model = LanguageModel(model_config)
+    ckpt = load_run_checkpoint(run_dir, optimizer=False, expert_names=expert_tensor_names(model))
+    if config_from_dict(LMConfig, ckpt["model_config"]) != model_config:
+        raise ValueError(f"{run_dir}: config.json and checkpoint.pt describe different models")
+    if ckpt["task_record"]["data"]["vocab_sha256"] != meta["vocab"]["sha256"]:
+        raise ValueError(f"{data_dir}'s vocabulary is not the one {run_dir} was trained with")
+    model.load_state_dict(ckpt["model"])
+    model.to(device).eval()
+    return model, data_dir, meta, run_config, ckpt["step"], ckpt["tokens"]
+
+
+__all__ = [
+    "LMTaskConfig",
+    "LanguageModelTask",
+    "evaluate",
+    "load_trained_model",
+    "routing_summary",
+]
