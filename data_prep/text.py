@@ -11,7 +11,8 @@ Empty lines. By default an empty (or whitespace-only) line is kept as a sentence
 i.e. a lone `</S>` in the stream: the convention of PyTorch's `word_language_model` behind the
 published WikiText perplexities (every line ends with an end-of-sentence token; WikiText-2 has
 2,088,628 / 217,646 / 245,569 tokens that way). `--no-keep-empty-lines` drops them, for corpora
-where a blank line is only layout.
+where a blank line is only layout. A split without a single sentence (an empty file, or only
+blank lines that are dropped) is refused before anything is written: training could not read it.
 
 Bytes that are not valid UTF-8 are replaced by U+FFFD; meta.json counts the affected lines.
 The recipe holds the sha256 of the three input files, so a changed input gets a new folder and
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -91,6 +93,9 @@ def prepare_text(
     for split, path in sources.items():
         if not path.is_file():
             raise FileNotFoundError(f"{split} file {path} not found")
+        if path.stat().st_size == 0:
+            # An empty split would be written as an empty .bin that training cannot read.
+            raise ValueError(f"{split} file {path} is empty: every split needs some text")
     name = default_name(sources["train"]) if name is None else name
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise ValueError(f"name must be letters, digits, '.', '_' or '-', got {name!r}")
@@ -109,13 +114,33 @@ def prepare_text(
     if is_prepared(folder, rid):
         print(f"up to date: {folder}")
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
 
     counts: Counter = Counter()
     for words in read_sentences(sources["train"], keep_empty_lines, Counter()):
         counts.update(words)
     vocab = Vocabulary.from_counts(counts, min_count=min_count, max_size=max_vocab)
     del counts
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        _write(folder, sources, vocab, recipe, rid, keep_empty_lines)
+    except BaseException:
+        if created:  # leave no folder that could pass for a dataset
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return folder
+
+
+def _write(
+    folder: Path,
+    sources: dict[str, Path],
+    vocab: Vocabulary,
+    recipe: dict,
+    rid: str,
+    keep_empty_lines: bool,
+) -> None:
+    """Encode the three splits with `vocab` into `folder`, then write vocab.txt and meta.json."""
+    name = recipe["name"]
     dtype = token_dtype(len(vocab))
     unk = vocab.unk_id
     index = {**vocab.index, BOS: unk, EOS: unk}  # markers in the text are not markers
@@ -129,6 +154,11 @@ def prepare_text(
                 ids = [index.get(word, unk) for word in words]
                 split_stats["unk_tokens"] += ids.count(unk)
                 writer.add(ids)
+            if writer.tokens == 0:  # only blank lines, all dropped
+                raise ValueError(
+                    f"{split} file {sources[split]} has no sentences: its lines are all empty"
+                    " and --no-keep-empty-lines drops them"
+                )
         except BaseException:
             writer.abort()
             raise
@@ -164,7 +194,6 @@ def prepare_text(
             for s, e in splits.items()
         )
     )
-    return folder
 
 
 def main(argv: list[str] | None = None) -> int:

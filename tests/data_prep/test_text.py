@@ -127,3 +127,22 @@ def test_wikitext2_counts(tmp_path):
     assert all(meta["text_stats"][s]["unk_tokens"] == 0 for s in SPLITS)
     ids = np.concatenate([read_split(folder, s) for s in SPLITS])
     assert not np.isin(ids, [0, 2]).any()
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_an_empty_split_is_refused(corpus, tmp_path, split):
+    corpus[split].write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"{split} file .*{split}\.txt is empty"):
+        prepare_text(*corpus.values(), tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_a_split_of_dropped_blank_lines_is_refused(corpus, tmp_path):
+    corpus["valid"].write_bytes(b"\n  \n\t\n")
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"valid file .*valid\.txt has no sentences"):
+        prepare_text(*corpus.values(), out, keep_empty_lines=False)
+    assert not list(out.iterdir())  # no half-written folder left behind
+    # Kept, blank lines are sentences of their own: the split is not empty.
+    folder = prepare_text(*corpus.values(), out)
+    assert read_meta(folder)["splits"]["valid"]["tokens"] == 3
