@@ -14,7 +14,9 @@ published WikiText perplexities (every line ends with an end-of-sentence token; 
 where a blank line is only layout. A split without a single sentence (an empty file, or only
 blank lines that are dropped) is refused before anything is written: training could not read it.
 
-Bytes that are not valid UTF-8 are replaced by U+FFFD; meta.json counts the affected lines.
+Bytes that are not valid UTF-8 are replaced by U+FFFD; meta.json counts the affected lines. A
+file where more than a quarter of the bytes are NUL or invalid UTF-8 is refused: it is binary
+(or UTF-16), not text with a few bad bytes (NOT_TEXT_SHARE says how the line was drawn).
 The recipe holds the sha256 of the three input files, so a changed input gets a new folder and
 an unchanged one is recognised wherever it lies.
 
@@ -44,18 +46,46 @@ from data_prep.vocab import BOS, EOS, Vocabulary
 
 TOKENIZER = "whitespace/1"  # bump if the line reading or tokenization changes
 
+# A file is refused as not text when more than this share of its bytes are NUL or not valid
+# UTF-8. Measured on binaries (ELF executables and shared libraries, .pyc, PNG, PDF, gzip,
+# random bytes): 38-56% such bytes; UTF-16 text: about 50% (a NUL beside each ASCII letter).
+# Text in a legacy 8-bit encoding such as Latin-1 stays below 20% even when dense with accents
+# (only the accented letters are invalid), and a few corrupt bytes in real UTF-8 text are a
+# tiny share: both still pass, with the warning about replaced bytes.
+NOT_TEXT_SHARE = 0.25
+_SNIFF_BYTES = 1 << 20  # also judged once here, so that a large binary file fails fast
+_ESCAPED = re.compile("[\udc80-\udcff]")  # one per invalid byte under "surrogateescape"
+
+
+def _check_text(path: Path, n_bytes: int, n_bad: int) -> None:
+    if n_bad > NOT_TEXT_SHARE * n_bytes:
+        raise ValueError(
+            f"{path} does not look like text: {n_bad / n_bytes:.0%} of the {n_bytes:,} bytes"
+            f" read are NUL or invalid UTF-8 (more than {NOT_TEXT_SHARE:.0%}); give UTF-8 text"
+        )
+
 
 def read_lines(path: Path, stats: Counter) -> Iterator[str]:
     """The lines of a file, decoded as UTF-8 (invalid bytes replaced and counted in
-    stats["invalid_utf8_lines"]); streamed, one line in memory at a time."""
+    stats["invalid_utf8_lines"]); streamed, one line in memory at a time. Raises ValueError,
+    after the first MiB or at the end, if the file does not look like text (NOT_TEXT_SHARE)."""
+    n_bytes = n_bad = 0
+    sniffed = False
     with open(path, "rb") as f:
         for raw in f:
+            n_bytes += len(raw)
+            n_bad += raw.count(0)
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
+                n_bad += len(_ESCAPED.findall(raw.decode("utf-8", errors="surrogateescape")))
                 line = raw.decode("utf-8", errors="replace")
                 stats["invalid_utf8_lines"] += 1
+            if not sniffed and n_bytes >= _SNIFF_BYTES:
+                _check_text(path, n_bytes, n_bad)
+                sniffed = True
             yield line
+    _check_text(path, n_bytes, n_bad)
 
 
 def read_sentences(path: Path, keep_empty_lines: bool, stats: Counter) -> Iterator[list[str]]:

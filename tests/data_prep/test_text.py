@@ -146,3 +146,43 @@ def test_a_split_of_dropped_blank_lines_is_refused(corpus, tmp_path):
     # Kept, blank lines are sentences of their own: the split is not empty.
     folder = prepare_text(*corpus.values(), out)
     assert read_meta(folder)["splits"]["valid"]["tokens"] == 3
+
+
+def _elf_like(size: int) -> bytes:
+    """Bytes shaped like an executable: a header, runs of NULs, high bytes, a few newlines."""
+    body = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8)
+    body[::3] = 0
+    return b"\x7fELF\x02\x01\x01\x00" + body.tobytes()
+
+
+@pytest.mark.parametrize(
+    ("split", "data"),
+    [
+        ("train", _elf_like(4000)),
+        ("test", np.random.default_rng(1).integers(0, 256, 3000, dtype=np.uint8).tobytes()),
+        ("valid", "the cat sat\nthe dog sat\n".encode("utf-16")),  # a NUL beside every letter
+        # Binary for its first MiB, then 6 MB of text: under a tenth bad over all, refused early.
+        ("train", _elf_like(1 << 20) + b"the cat sat\n" * 500_000),
+    ],
+)
+def test_binary_input_is_refused(corpus, tmp_path, split, data):
+    corpus[split].write_bytes(data)
+    with pytest.raises(ValueError, match=rf"{split}\.txt does not look like text: \d+%"):
+        prepare_text(*corpus.values(), tmp_path / "out")
+    assert not list((tmp_path / "out").glob("*"))
+
+
+def test_a_few_bad_bytes_pass_with_a_warning(corpus, tmp_path, capsys):
+    # Stray corruption in real text: two bad bytes and a NUL among a few hundred.
+    corpus["train"].write_bytes(b"the cat sat on the mat\n" * 10 + b"a \xff\xfe b \x00 c\n")
+    # The line is drawn at a quarter of the bytes: 1 bad byte of 4 still passes.
+    corpus["valid"].write_bytes(b"ab\xff\n")
+    folder = prepare_text(*corpus.values(), tmp_path / "out")
+    stats = read_meta(folder)["text_stats"]
+    assert stats["train"]["invalid_utf8_lines"] == 1 and stats["valid"]["invalid_utf8_lines"] == 1
+    err = capsys.readouterr().err
+    assert "warning:" in err and "train.txt: 1 lines with invalid UTF-8" in err
+    # ... and 2 of 4 does not.
+    corpus["valid"].write_bytes(b"a\xff\xff\n")
+    with pytest.raises(ValueError, match="does not look like text: 50% of the 4 bytes"):
+        prepare_text(*corpus.values(), tmp_path / "out")
