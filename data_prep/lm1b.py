@@ -41,8 +41,9 @@ held-out shard 0 (the train pattern is also the default there).
 
 Text. One line is one sentence; its words are `str.split()` of the line decoded as UTF-8. Bytes
 that are not valid UTF-8 become U+FFFD; such lines are counted (`replaced_lines`) and reported.
-Empty (or blank) lines are skipped, counted (`empty_lines`) and reported. The release has no
-`<S>`/`</S>` markers; literal `<S>` or `</S>` in the text become `<UNK>`.
+Empty (or blank) lines are skipped, counted (`empty_lines`) and reported; a split left without a
+sentence is refused before meta.json is written. The release has no `<S>`/`</S>` markers;
+literal `<S>` or `</S>` in the text become `<UNK>`.
 
 Vocabulary: the benchmark's definition, words seen at least `--min-count` (3) times in the
 training split plus `<S>`, `</S>`, `<UNK>` (793,471 entries on the full data), optionally cut to
@@ -450,6 +451,11 @@ def count_training_words(
 # --------------------------------------------------------------------------- prepare
 
 
+def _names(src: Source, rels: list[str]) -> str:
+    """The files of a split, for a message."""
+    return ", ".join(str(src.files[rel]) for rel in rels)
+
+
 def _write_latest(out: Path, folder: Path) -> None:
     latest = out / "lm1b-latest"
     text = folder.name + "\n"
@@ -482,6 +488,10 @@ def prepare_lm1b(
         raise PrepareError(f"--sha256 must be 64 hex digits, got {sha256!r}")
     src = find_source(source, url=url, size=size, sha256=sha256, cache=cache, progress=progress)
     plan = plan_splits(src, train, valid, test, valid_sentences)
+    for split, rels in plan.files.items():
+        # An empty split would be written as an empty .bin that training cannot read.
+        if all(src.files[rel].stat().st_size == 0 for rel in rels):
+            raise PrepareError(f"the {split} split is empty: {_names(src, rels)} hold no text")
     carve = plan.valid_sentences
 
     def describe(rels: list[str]) -> list[dict]:
@@ -575,6 +585,12 @@ def _build(
         for writer in writers.values():
             writer.abort()
         raise
+    for split, entry in entries.items():
+        if entry["tokens"] == 0:  # files of blank lines only, which are skipped
+            raise PrepareError(
+                f"the {split} split has no sentences: {_names(src, plan.files[split])} hold"
+                " only empty lines"
+            )
     for split, entry in entries.items():
         entry["sources"] = sources[split]
         for key in ("replaced_lines", "empty_lines", "unk_tokens"):

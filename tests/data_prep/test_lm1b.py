@@ -476,6 +476,23 @@ def test_split_selection_errors(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("blank", [b"", b"\n \n"])
+@pytest.mark.parametrize("shard", ["news.en-00001-of-00100", "news.en.heldout-00001-of-00050"])
+def test_an_empty_split_is_refused(tmp_path, capsys, shard, blank):
+    source = _flat(tmp_path / "src", {**TOY, shard: blank})
+    base = ["--out", tmp_path / "out", "--source", source, "--train", shard]
+    if "heldout" in shard:  # the validation shard, with one training shard
+        base[-1] = "news.en-00001-of-00100"
+    code, stdout, stderr = _run(capsys, *base)
+    split = "valid" if "heldout" in shard else "train"
+    reason = "hold no text" if not blank else "has no sentences"
+    error = stderr.splitlines()[-1]  # after the notes about the vocabulary and empty lines
+    assert code == 1 and stdout == "" and stderr.count("error:") == 1
+    assert error.startswith(f"error: the {split} split ") and reason in error
+    assert str(source / shard) in error
+    assert not list((tmp_path / "out").glob("lm1b-*"))  # no folder, no lm1b-latest
+
+
 def test_idempotent_and_a_changed_recipe_gets_a_new_folder(tmp_path, capsys):
     source = _flat(tmp_path / "src", TOY)
     out = tmp_path / "out"
