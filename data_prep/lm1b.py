@@ -55,7 +55,10 @@ complete. The recipe holds every option that affects the output and the name and
 source file, so a changed recipe gets a new folder, and a folder that is already complete is left
 alone ("up to date"). `OUT/lm1b-latest` is a text file holding the name of the folder the last
 successful run produced or found. The folder's path is the only line on stdout; messages and
-progress bars go to stderr. Expected failures print one `error: ...` line and exit 1.
+progress bars go to stderr. Expected failures print one `error: ...` line and exit 2 when the
+input is at fault (an option, a missing or empty file, an archive that fails verification or
+is malformed), 1 when the download fails (no network, an HTTP error, a transfer that breaks
+off, bytes that do not verify).
 
 Memory. Words are counted in a first streaming pass over the training files and encoded in a
 second: only the word counts (and, when carving, the last N training sentences) are held, a few
@@ -90,12 +93,14 @@ from data_prep.binarize import (
     write_text_atomic,
 )
 from data_prep.download import (
+    ChecksumError,
     DownloadError,
     NetworkUnavailable,
     download,
     verify_file,
 )
 from data_prep.vocab import BOS, EOS, Vocabulary
+from lstm_moe.files import PATH_ERRORS
 
 OFFICIAL_URL = (
     "http://www.statmt.org/lm-benchmark/1-billion-word-language-modeling-benchmark-r13output.tar.gz"
@@ -124,7 +129,7 @@ _BLOCK = 1 << 22  # bytes between progress bar updates
 
 
 class PrepareError(Exception):
-    """An expected failure (bad input, missing data): reported as one line, exit code 1."""
+    """An expected failure (bad input, missing data): reported as one line, exit code 2."""
 
 
 # --------------------------------------------------------------------------- getting the shards
@@ -253,7 +258,7 @@ def fetch_archive(
     try:
         archive = download(url, Path(cache) / name, size=size, sha256=sha256, progress=progress)
     except NetworkUnavailable as error:
-        raise PrepareError(_no_network_message(url, error)) from error
+        raise NetworkUnavailable(_no_network_message(url, error)) from error
     return extract_archive(archive, dest, progress)
 
 
@@ -261,10 +266,12 @@ def _archive_source(archive: Path, size: int | None, sha256: str, cache: Path, p
     """The extraction of a local archive: reused if one exists for this sha256 (the archive's
     size is still checked), else made after verifying the archive."""
     dest = _extraction_dir(cache, sha256)
-    if (dest / _EXTRACTED).is_file():
-        verify_file(archive, size)
-    else:
-        verify_file(archive, size, sha256, progress=progress)
+    extracted = (dest / _EXTRACTED).is_file()
+    try:
+        verify_file(archive, size, None if extracted else sha256, progress=progress)
+    except ChecksumError as error:  # the user's file, not a download: bad input
+        raise PrepareError(str(error)) from error
+    if not extracted:
         extract_archive(archive, dest, progress)
     return dest
 
@@ -658,8 +665,9 @@ def build_parser() -> argparse.ArgumentParser:
         " archive is downloaded into --cache (resuming a partial download, verifying size and"
         " sha256; an archive that fails verification is kept as <cache>/<name>.corrupt and"
         " the next run downloads afresh); without network it fails at once and says how to"
-        " give a local copy. Exit status 0 on success, 1 with a one-line 'error: ...' on"
-        " stderr otherwise.",
+        " give a local copy. Exit status 0 on success; otherwise a one-line 'error: ...' on"
+        " stderr and 2 for bad input (options, missing or empty files, a --source archive"
+        " that fails verification), 1 when the download fails.",
         epilog="Examples: `python -m data_prep.lm1b --out data` (official data, downloaded);"
         " `python -m data_prep.lm1b --out data --source /work/shared/data/lm1b-sample"
         " --train 'news.en.heldout-0001*' --valid-sentences 2000` (held-out shards 10-13 for"
@@ -760,7 +768,10 @@ def main(argv: list[str] | None = None) -> int:
             cache=args.cache,
             progress=not args.no_progress,
         )
-    except (PrepareError, DownloadError, OSError, ValueError) as error:
+    except (PrepareError, ValueError, *PATH_ERRORS) as error:  # bad input
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except (DownloadError, OSError) as error:  # the download failed, or the disk did
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -21,6 +21,7 @@ The recipe holds the sha256 of the three input files, so a changed input gets a 
 an unchanged one is recognised wherever it lies.
 
 Command: `python -m data_prep.text --train T --valid V --test T --out data [--name wikitext-2]`.
+It prints the dataset folder; a bad input or option is one `error: ...` line and exit status 2.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from data_prep.binarize import (
     write_meta,
 )
 from data_prep.vocab import BOS, EOS, Vocabulary
+from lstm_moe.files import PATH_ERRORS
 
 TOKENIZER = "whitespace/1"  # bump if the line reading or tokenization changes
 
@@ -267,7 +269,10 @@ def main(argv: list[str] | None = None) -> int:
             max_vocab=args.max_vocab,
             keep_empty_lines=args.keep_empty_lines,
         )
-    except (OSError, ValueError) as error:
+    except (ValueError, *PATH_ERRORS) as error:  # bad input
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # the disk failed or is full
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(folder)

@@ -107,9 +107,28 @@ def test_cli(corpus, tmp_path, capsys):
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert Path(last).parent == tmp_path / "out" and Path(last).name.startswith("x-")
     assert read_meta(Path(last))["recipe"]["keep_empty_lines"] is False
-    assert text.main([*args, "--name", "bad name"]) == 1
+    # Bad input is one line on stderr and exit status 2, as for a usage error.
+    capsys.readouterr()
+    assert text.main([*args, "--name", "bad name"]) == 2
+    assert capsys.readouterr().err.startswith("error: name must be")
+    corpus["valid"].write_bytes(b"")
+    assert text.main(args) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: valid file {corpus['valid']} is empty: every split needs some text\n"
+    corpus["valid"].write_bytes(_elf_like(500))
+    assert text.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {corpus['valid']} does not look like")
     corpus["valid"].unlink()
-    assert text.main(args) == 1
+    assert text.main(args) == 2
+    assert capsys.readouterr().err == f"error: valid file {corpus['valid']} not found\n"
+    corpus["valid"].write_bytes(b"the cat\n")
+    (tmp_path / "a-file").write_text("")
+    assert text.main([*args[:-1], str(tmp_path / "a-file")]) == 2  # --out is a file
+    assert capsys.readouterr().err.startswith("error: ")
+    with pytest.raises(SystemExit) as usage:
+        text.main(["--train", str(corpus["train"])])
+    assert usage.value.code == 2
 
 
 @pytest.mark.skipif(not WIKITEXT2.is_dir(), reason="shared/data/wikitext-2 not present")
