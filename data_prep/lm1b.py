@@ -669,7 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
         " stderr and 2 for bad input (options, missing or empty files, a --source archive"
         " that fails verification), 1 when the download fails.",
         epilog="Examples: `python -m data_prep.lm1b --out data` (official data, downloaded);"
-        " `python -m data_prep.lm1b --out data --source /work/shared/data/lm1b-sample"
+        " `python -m data_prep.lm1b --out data --source path/to/lm1b-sample"
         " --train 'news.en.heldout-0001*' --valid-sentences 2000` (held-out shards 10-13 for"
         " training, their last 2,000 sentences for validation, shard 0 for test).",
     )

@@ -540,6 +540,17 @@ def test_help_documents_the_options(capsys):
         assert option in text
 
 
+def test_help_names_no_path_of_this_machine(tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per paragraph: no path cut by wrapping
+    text = lm1b.build_parser().format_help()
+    # An absolute path after a space, quote or parenthesis (URLs have ':' before their '/').
+    assert re.findall(r"(?:^|[\s'\"`(=])(/[\w.-]+)", text) == []
+    # The same text wherever it is run from, whoever runs it.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert lm1b.build_parser().format_help() == text
+
+
 # --------------------------------------------------------------------------- the real sample
 
 
