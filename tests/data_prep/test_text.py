@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import numpy as np
@@ -205,3 +206,14 @@ def test_a_few_bad_bytes_pass_with_a_warning(corpus, tmp_path, capsys):
     corpus["valid"].write_bytes(b"a\xff\xff\n")
     with pytest.raises(ValueError, match="does not look like text: 50% of the 4 bytes"):
         prepare_text(*corpus.values(), tmp_path / "out")
+
+
+def test_a_damaged_meta_json_names_itself_and_is_rebuilt(corpus, tmp_path):
+    folder = prepare_text(*corpus.values(), tmp_path / "out")
+    meta = folder / "meta.json"
+    meta.write_text(meta.read_text().replace(",", "", 1))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(meta))} is not valid JSON \(Expecting"):
+        read_meta(folder)
+    # Preparing again does not trust the damaged folder: it writes it anew.
+    assert prepare_text(*corpus.values(), tmp_path / "out") == folder
+    assert read_meta(folder)["dataset"] == "toy"
