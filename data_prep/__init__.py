@@ -1,1 +1,2 @@
-"""Data pipelines: lm1b, WMT'14 and the generated corpus, written as binarized splits."""
+"""Data pipelines: lm1b, any plain-text corpus such as WikiText (`text`) and the generated
+corpus (`synthetic`), written as binarized splits with their meta.json."""

@@ -41,8 +41,9 @@ held-out shard 0 (the train pattern is also the default there).
 
 Text. One line is one sentence; its words are `str.split()` of the line decoded as UTF-8. Bytes
 that are not valid UTF-8 become U+FFFD; such lines are counted (`replaced_lines`) and reported.
-Empty (or blank) lines are skipped, counted (`empty_lines`) and reported. The release has no
-`<S>`/`</S>` markers; literal `<S>` or `</S>` in the text become `<UNK>`.
+Empty (or blank) lines are skipped, counted (`empty_lines`) and reported; a split left without a
+sentence is refused before meta.json is written. The release has no `<S>`/`</S>` markers;
+literal `<S>` or `</S>` in the text become `<UNK>`.
 
 Vocabulary: the benchmark's definition, words seen at least `--min-count` (3) times in the
 training split plus `<S>`, `</S>`, `<UNK>` (793,471 entries on the full data), optionally cut to
@@ -54,7 +55,10 @@ complete. The recipe holds every option that affects the output and the name and
 source file, so a changed recipe gets a new folder, and a folder that is already complete is left
 alone ("up to date"). `OUT/lm1b-latest` is a text file holding the name of the folder the last
 successful run produced or found. The folder's path is the only line on stdout; messages and
-progress bars go to stderr. Expected failures print one `error: ...` line and exit 1.
+progress bars go to stderr. Expected failures print one `error: ...` line and exit 2 when the
+input is at fault (an option, a missing or empty file, an archive that fails verification or
+is malformed), 1 when the download fails (no network, an HTTP error, a transfer that breaks
+off, bytes that do not verify).
 
 Memory. Words are counted in a first streaming pass over the training files and encoded in a
 second: only the word counts (and, when carving, the last N training sentences) are held, a few
@@ -89,12 +93,14 @@ from data_prep.binarize import (
     write_text_atomic,
 )
 from data_prep.download import (
+    ChecksumError,
     DownloadError,
     NetworkUnavailable,
     download,
     verify_file,
 )
 from data_prep.vocab import BOS, EOS, Vocabulary
+from lstm_moe.files import PATH_ERRORS
 
 OFFICIAL_URL = (
     "http://www.statmt.org/lm-benchmark/1-billion-word-language-modeling-benchmark-r13output.tar.gz"
@@ -123,7 +129,7 @@ _BLOCK = 1 << 22  # bytes between progress bar updates
 
 
 class PrepareError(Exception):
-    """An expected failure (bad input, missing data): reported as one line, exit code 1."""
+    """An expected failure (bad input, missing data): reported as one line, exit code 2."""
 
 
 # --------------------------------------------------------------------------- getting the shards
@@ -252,7 +258,7 @@ def fetch_archive(
     try:
         archive = download(url, Path(cache) / name, size=size, sha256=sha256, progress=progress)
     except NetworkUnavailable as error:
-        raise PrepareError(_no_network_message(url, error)) from error
+        raise NetworkUnavailable(_no_network_message(url, error)) from error
     return extract_archive(archive, dest, progress)
 
 
@@ -260,10 +266,12 @@ def _archive_source(archive: Path, size: int | None, sha256: str, cache: Path, p
     """The extraction of a local archive: reused if one exists for this sha256 (the archive's
     size is still checked), else made after verifying the archive."""
     dest = _extraction_dir(cache, sha256)
-    if (dest / _EXTRACTED).is_file():
-        verify_file(archive, size)
-    else:
-        verify_file(archive, size, sha256, progress=progress)
+    extracted = (dest / _EXTRACTED).is_file()
+    try:
+        verify_file(archive, size, None if extracted else sha256, progress=progress)
+    except ChecksumError as error:  # the user's file, not a download: bad input
+        raise PrepareError(str(error)) from error
+    if not extracted:
         extract_archive(archive, dest, progress)
     return dest
 
@@ -450,6 +458,11 @@ def count_training_words(
 # --------------------------------------------------------------------------- prepare
 
 
+def _names(src: Source, rels: list[str]) -> str:
+    """The files of a split, for a message."""
+    return ", ".join(str(src.files[rel]) for rel in rels)
+
+
 def _write_latest(out: Path, folder: Path) -> None:
     latest = out / "lm1b-latest"
     text = folder.name + "\n"
@@ -482,6 +495,10 @@ def prepare_lm1b(
         raise PrepareError(f"--sha256 must be 64 hex digits, got {sha256!r}")
     src = find_source(source, url=url, size=size, sha256=sha256, cache=cache, progress=progress)
     plan = plan_splits(src, train, valid, test, valid_sentences)
+    for split, rels in plan.files.items():
+        # An empty split would be written as an empty .bin that training cannot read.
+        if all(src.files[rel].stat().st_size == 0 for rel in rels):
+            raise PrepareError(f"the {split} split is empty: {_names(src, rels)} hold no text")
     carve = plan.valid_sentences
 
     def describe(rels: list[str]) -> list[dict]:
@@ -576,6 +593,12 @@ def _build(
             writer.abort()
         raise
     for split, entry in entries.items():
+        if entry["tokens"] == 0:  # files of blank lines only, which are skipped
+            raise PrepareError(
+                f"the {split} split has no sentences: {_names(src, plan.files[split])} hold"
+                " only empty lines"
+            )
+    for split, entry in entries.items():
         entry["sources"] = sources[split]
         for key in ("replaced_lines", "empty_lines", "unk_tokens"):
             entry[key] = stats[split][key]
@@ -642,10 +665,11 @@ def build_parser() -> argparse.ArgumentParser:
         " archive is downloaded into --cache (resuming a partial download, verifying size and"
         " sha256; an archive that fails verification is kept as <cache>/<name>.corrupt and"
         " the next run downloads afresh); without network it fails at once and says how to"
-        " give a local copy. Exit status 0 on success, 1 with a one-line 'error: ...' on"
-        " stderr otherwise.",
+        " give a local copy. Exit status 0 on success; otherwise a one-line 'error: ...' on"
+        " stderr and 2 for bad input (options, missing or empty files, a --source archive"
+        " that fails verification), 1 when the download fails.",
         epilog="Examples: `python -m data_prep.lm1b --out data` (official data, downloaded);"
-        " `python -m data_prep.lm1b --out data --source /work/shared/data/lm1b-sample"
+        " `python -m data_prep.lm1b --out data --source path/to/lm1b-sample"
         " --train 'news.en.heldout-0001*' --valid-sentences 2000` (held-out shards 10-13 for"
         " training, their last 2,000 sentences for validation, shard 0 for test).",
     )
@@ -744,7 +768,10 @@ def main(argv: list[str] | None = None) -> int:
             cache=args.cache,
             progress=not args.no_progress,
         )
-    except (PrepareError, DownloadError, OSError, ValueError) as error:
+    except (PrepareError, ValueError, *PATH_ERRORS) as error:  # bad input
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except (DownloadError, OSError) as error:  # the download failed, or the disk did
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -70,6 +70,7 @@ from data_prep.binarize import (
     write_meta,
 )
 from data_prep.vocab import EOS, SPECIALS, Vocabulary
+from lstm_moe.files import PATH_ERRORS
 
 GENERATOR = "markov-topics/1"  # bump when the sampling changes, so old folders are not reused
 _EOS_ID = SPECIALS.index(EOS)
@@ -466,7 +467,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     try:
         folder = prepare_synthetic(config, args.out)
-    except (OSError, ValueError) as error:
+    except (ValueError, *PATH_ERRORS) as error:  # bad input, such as an --out that is a file
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # the disk failed or is full
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(folder)

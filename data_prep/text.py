@@ -11,19 +11,24 @@ Empty lines. By default an empty (or whitespace-only) line is kept as a sentence
 i.e. a lone `</S>` in the stream: the convention of PyTorch's `word_language_model` behind the
 published WikiText perplexities (every line ends with an end-of-sentence token; WikiText-2 has
 2,088,628 / 217,646 / 245,569 tokens that way). `--no-keep-empty-lines` drops them, for corpora
-where a blank line is only layout.
+where a blank line is only layout. A split without a single sentence (an empty file, or only
+blank lines that are dropped) is refused before anything is written: training could not read it.
 
-Bytes that are not valid UTF-8 are replaced by U+FFFD; meta.json counts the affected lines.
+Bytes that are not valid UTF-8 are replaced by U+FFFD; meta.json counts the affected lines. A
+file where more than a quarter of the bytes are NUL or invalid UTF-8 is refused: it is binary
+(or UTF-16), not text with a few bad bytes (NOT_TEXT_SHARE says how the line was drawn).
 The recipe holds the sha256 of the three input files, so a changed input gets a new folder and
 an unchanged one is recognised wherever it lies.
 
 Command: `python -m data_prep.text --train T --valid V --test T --out data [--name wikitext-2]`.
+It prints the dataset folder; a bad input or option is one `error: ...` line and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -39,21 +44,50 @@ from data_prep.binarize import (
     write_meta,
 )
 from data_prep.vocab import BOS, EOS, Vocabulary
+from lstm_moe.files import PATH_ERRORS
 
 TOKENIZER = "whitespace/1"  # bump if the line reading or tokenization changes
+
+# A file is refused as not text when more than this share of its bytes are NUL or not valid
+# UTF-8. Measured on binaries (ELF executables and shared libraries, .pyc, PNG, PDF, gzip,
+# random bytes): 38-56% such bytes; UTF-16 text: about 50% (a NUL beside each ASCII letter).
+# Text in a legacy 8-bit encoding such as Latin-1 stays below 20% even when dense with accents
+# (only the accented letters are invalid), and a few corrupt bytes in real UTF-8 text are a
+# tiny share: both still pass, with the warning about replaced bytes.
+NOT_TEXT_SHARE = 0.25
+_SNIFF_BYTES = 1 << 20  # also judged once here, so that a large binary file fails fast
+_ESCAPED = re.compile("[\udc80-\udcff]")  # one per invalid byte under "surrogateescape"
+
+
+def _check_text(path: Path, n_bytes: int, n_bad: int) -> None:
+    if n_bad > NOT_TEXT_SHARE * n_bytes:
+        raise ValueError(
+            f"{path} does not look like text: {n_bad / n_bytes:.0%} of the {n_bytes:,} bytes"
+            f" read are NUL or invalid UTF-8 (more than {NOT_TEXT_SHARE:.0%}); give UTF-8 text"
+        )
 
 
 def read_lines(path: Path, stats: Counter) -> Iterator[str]:
     """The lines of a file, decoded as UTF-8 (invalid bytes replaced and counted in
-    stats["invalid_utf8_lines"]); streamed, one line in memory at a time."""
+    stats["invalid_utf8_lines"]); streamed, one line in memory at a time. Raises ValueError,
+    after the first MiB or at the end, if the file does not look like text (NOT_TEXT_SHARE)."""
+    n_bytes = n_bad = 0
+    sniffed = False
     with open(path, "rb") as f:
         for raw in f:
+            n_bytes += len(raw)
+            n_bad += raw.count(0)
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
+                n_bad += len(_ESCAPED.findall(raw.decode("utf-8", errors="surrogateescape")))
                 line = raw.decode("utf-8", errors="replace")
                 stats["invalid_utf8_lines"] += 1
+            if not sniffed and n_bytes >= _SNIFF_BYTES:
+                _check_text(path, n_bytes, n_bad)
+                sniffed = True
             yield line
+    _check_text(path, n_bytes, n_bad)
 
 
 def read_sentences(path: Path, keep_empty_lines: bool, stats: Counter) -> Iterator[list[str]]:
@@ -91,6 +125,9 @@ def prepare_text(
     for split, path in sources.items():
         if not path.is_file():
             raise FileNotFoundError(f"{split} file {path} not found")
+        if path.stat().st_size == 0:
+            # An empty split would be written as an empty .bin that training cannot read.
+            raise ValueError(f"{split} file {path} is empty: every split needs some text")
     name = default_name(sources["train"]) if name is None else name
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise ValueError(f"name must be letters, digits, '.', '_' or '-', got {name!r}")
@@ -109,13 +146,33 @@ def prepare_text(
     if is_prepared(folder, rid):
         print(f"up to date: {folder}")
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
 
     counts: Counter = Counter()
     for words in read_sentences(sources["train"], keep_empty_lines, Counter()):
         counts.update(words)
     vocab = Vocabulary.from_counts(counts, min_count=min_count, max_size=max_vocab)
     del counts
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        _write(folder, sources, vocab, recipe, rid, keep_empty_lines)
+    except BaseException:
+        if created:  # leave no folder that could pass for a dataset
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return folder
+
+
+def _write(
+    folder: Path,
+    sources: dict[str, Path],
+    vocab: Vocabulary,
+    recipe: dict,
+    rid: str,
+    keep_empty_lines: bool,
+) -> None:
+    """Encode the three splits with `vocab` into `folder`, then write vocab.txt and meta.json."""
+    name = recipe["name"]
     dtype = token_dtype(len(vocab))
     unk = vocab.unk_id
     index = {**vocab.index, BOS: unk, EOS: unk}  # markers in the text are not markers
@@ -129,6 +186,11 @@ def prepare_text(
                 ids = [index.get(word, unk) for word in words]
                 split_stats["unk_tokens"] += ids.count(unk)
                 writer.add(ids)
+            if writer.tokens == 0:  # only blank lines, all dropped
+                raise ValueError(
+                    f"{split} file {sources[split]} has no sentences: its lines are all empty"
+                    " and --no-keep-empty-lines drops them"
+                )
         except BaseException:
             writer.abort()
             raise
@@ -164,7 +226,6 @@ def prepare_text(
             for s, e in splits.items()
         )
     )
-    return folder
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,7 +269,10 @@ def main(argv: list[str] | None = None) -> int:
             max_vocab=args.max_vocab,
             keep_empty_lines=args.keep_empty_lines,
         )
-    except (OSError, ValueError) as error:
+    except (ValueError, *PATH_ERRORS) as error:  # bad input
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # the disk failed or is full
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(folder)

@@ -19,6 +19,8 @@ baseline after start-up, or CUDA max_memory_allocated) is its own. Time is the m
 optimizer.zero_grad() does, so every run allocates its weight gradients afresh.
 
     python -m eval.bench_moe --json bench/bench_moe.json --markdown bench/bench_moe.md
+
+Exit status: 2 for a bad option (checked before anything runs), 1 if a contender failed.
 """
 
 from __future__ import annotations
@@ -369,9 +371,39 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.hidden = args.hidden * len(args.experts)
     if len(args.hidden) != len(args.experts):
         parser.error("--hidden takes one value, or one per --experts entry")
-    if not args.worker and min(args.experts) < args.k:
+    if args.worker:
+        return args
+    # Bad values are refused here, with exit status 2, rather than by every worker in turn.
+    if min(args.tokens, args.d_model, args.k, args.repeats, *args.experts, *args.hidden) < 1:
+        parser.error("--tokens, --d-model, --k, --experts, --hidden and --repeats must be >= 1")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    if min(args.experts) < args.k:
         parser.error(f"every --experts value must be >= --k ({args.k}), got {min(args.experts)}")
+    check_device(parser, args.device)
+    check_output_paths(parser, args.json, args.markdown)
     return args
+
+
+def check_device(parser: argparse.ArgumentParser, name: str) -> None:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        parser.error(f"--device {name!r} is not a device (cpu, cuda, cuda:1 ...)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {name}: this torch build sees no CUDA device")
+
+
+def check_output_paths(parser: argparse.ArgumentParser, *paths: Path | None) -> None:
+    """Refuse report paths that could not be written before measuring, not after."""
+    for path in paths:
+        if path is None:
+            continue
+        if path.is_dir():
+            parser.error(f"{path} is a folder; give the report's file name")
+        existing = next(parent for parent in path.parents if parent.exists())
+        if not existing.is_dir():
+            parser.error(f"cannot write {path}: {existing} is not a folder")
 
 
 def write_report(report: dict, table: str, json_path: Path | None, markdown_path: Path | None):

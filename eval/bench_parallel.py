@@ -34,6 +34,8 @@ weights, which belongs to the training loop, not to the layer.
 
     python -m eval.bench_parallel --json bench/bench_parallel.json \
         --markdown bench/bench_parallel.md
+
+Exit status: 2 for a bad option (checked before any rank starts), 1 if a world size failed.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from eval.bench_moe import write_report
+from eval.bench_moe import check_output_paths, write_report
 from lstm_moe.moe import MoELayer
 from lstm_moe.runtime import enable_cpu_hugepages
 from switch import SwitchRouter
@@ -399,10 +401,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--k must be in [1, --experts], got {args.k}")
     if args.repeats < 1 or args.warmup < 0 or args.tokens_per_rank < 1:
         parser.error("--repeats and --tokens-per-rank must be >= 1, --warmup >= 0")
+    if min(args.d_model, args.hidden, args.threads) < 1 or args.timeout <= 0:
+        parser.error("--d-model, --hidden and --threads must be >= 1, --timeout > 0")
+    if args.capacity_factor is not None and args.capacity_factor <= 0:
+        parser.error(f"--capacity-factor must be > 0, got {args.capacity_factor}")
     if (args.backend == "nccl") != (args.device == "cuda"):
         parser.error("use --backend nccl with --device cuda, and gloo with cpu")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: this torch build sees no CUDA device")
+    check_output_paths(parser, args.json, args.markdown)
     return args
 
 

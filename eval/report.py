@@ -4,7 +4,9 @@ config.json, metrics.jsonl and eval/perplexity.json), never the models.
 
     python -m eval.report runs/demo/dense runs/demo/moe --out runs/demo --title "..."
 
-writes OUT/report.md, OUT/valid_perplexity.png and OUT/summary.json.
+writes OUT/report.md, OUT/valid_perplexity.png and OUT/summary.json. A run folder that is
+missing, incomplete or malformed, or runs evaluated on different data, are one `error: ...`
+line and exit status 2.
 """
 
 from __future__ import annotations
@@ -14,24 +16,31 @@ import json
 import sys
 from pathlib import Path
 
-from lstm_moe.files import write_json_atomic, write_text_atomic
+from lstm_moe.files import PATH_ERRORS, read_json, write_json_atomic, write_text_atomic
 
 
 def read_run(run: Path) -> dict:
     """Everything the report needs from one run folder."""
-    config = json.loads((run / "config.json").read_text())
+    config_path = run / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"{config_path} not found: {run} is not a run folder (lstm_moe.train writes one)"
+        )
+    config = read_json(config_path)
     metrics = []
-    for line in (run / "metrics.jsonl").read_text().splitlines():
+    for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
         try:
-            metrics.append(json.loads(line))
+            entry = json.loads(line)
         except json.JSONDecodeError:
             continue  # a last line cut short by a kill
+        if isinstance(entry, dict):
+            metrics.append(entry)
     evaluation_path = run / "eval" / "perplexity.json"
     if not evaluation_path.is_file():
         raise FileNotFoundError(
             f"{evaluation_path} not found: run `python -m eval.perplexity {run}` first"
         )
-    evaluation = json.loads(evaluation_path.read_text())
+    evaluation = read_json(evaluation_path)
     train = [m for m in metrics if m["kind"] == "train"]
     valid = [m for m in metrics if m["kind"] == "valid"]
     last = train[-1] if train else {}
@@ -173,7 +182,15 @@ def plot(rows: list[dict], floor: dict | None, path: Path, title: str) -> None:
 
 
 def write_report(runs: list[Path], out: Path, title: str) -> dict:
-    rows = [read_run(Path(run)) for run in runs]
+    rows = []
+    for run in map(Path, runs):
+        try:
+            rows.append(read_run(run))
+        except KeyError as error:
+            raise ValueError(
+                f"{run}: config.json, metrics.jsonl or eval/perplexity.json has no field"
+                f" {error}; was the run written by another version of the code?"
+            ) from None
     check_comparable(rows)
     floor = next((r["entropy_floor"] for r in rows if r["entropy_floor"]), None)
     out.mkdir(parents=True, exist_ok=True)
@@ -216,7 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         summary = write_report(args.runs, args.out, args.title)
-    except (FileNotFoundError, KeyError, ValueError, json.JSONDecodeError) as error:
+    except (KeyError, ValueError, *PATH_ERRORS) as error:  # bad input
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # the disk failed or is full
         print(f"error: {error}", file=sys.stderr)
         return 1
     for model in summary["models"]:

@@ -19,6 +19,15 @@ import numpy as np
 FORMAT = "moe-repro-lm/1"
 # The vocabulary's special ids, fixed by the format (data_prep.vocab spells them).
 BOS_ID, EOS_ID, UNK_ID = 0, 1, 2
+# OSErrors that come from a path the user gave (a command exits 2 for them, as for any bad
+# input), unlike a disk that fails or fills up (a runtime failure, exit 1).
+PATH_ERRORS = (
+    FileExistsError,
+    FileNotFoundError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -82,6 +91,7 @@ __all__ = [
     "BOS_ID",
     "EOS_ID",
     "FORMAT",
+    "PATH_ERRORS",
     "UNK_ID",
     "read_json",
     "read_meta",

@@ -290,7 +290,7 @@ def test_corrupt_download_is_rejected(server, tmp_path, capsys):
         capsys, "--out", out, "--cache", cache, "--url", server.url("lm1b.tar.gz"),
         "--sha256", wrong, "--size", len(ARCHIVE),
     )  # fmt: skip
-    assert code == 1 and stdout == ""
+    assert code == 1 and stdout == ""  # a download that fails: 1, not the 2 of bad input
     assert stderr.count("\n") == 1 and stderr.startswith("error: lm1b.tar.gz: sha256 mismatch")
     assert wrong in stderr and ARCHIVE_SHA in stderr
     assert (cache / "lm1b.tar.gz.corrupt").read_bytes() == ARCHIVE  # kept for inspection
@@ -301,7 +301,7 @@ def test_no_network_fails_fast_and_says_what_to_do(tmp_path, capsys):
     url = f"http://127.0.0.1:{_closed_port()}/lm1b.tar.gz"
     start = time.monotonic()
     code, _, stderr = _run(capsys, "--out", tmp_path / "out", "--cache", tmp_path, "--url", url)
-    assert code == 1 and time.monotonic() - start < 5
+    assert code == 1 and time.monotonic() - start < 5  # a runtime failure, not bad input
     assert "--source DIR" in stderr and "LM1B_DIR=DIR" in stderr and url in stderr
 
 
@@ -318,11 +318,11 @@ def test_archive_as_source(tmp_path, capsys):
     truncated.write_bytes(ARCHIVE[:-100])
     base[-1] = truncated
     code, _, stderr = _run(capsys, *base, "--sha256", ARCHIVE_SHA, "--size", len(ARCHIVE))
-    assert code == 1 and "expected" in stderr and stderr.count("\n") == 1
+    assert code == 2 and "expected" in stderr and stderr.count("\n") == 1
     # Even when the checksums given match it, a truncated archive is reported as such.
     sha = hashlib.sha256(ARCHIVE[:-100]).hexdigest()
     code, _, stderr = _run(capsys, *base, "--sha256", sha, "--size", len(ARCHIVE) - 100)
-    assert code == 1 and "truncated or corrupt" in stderr
+    assert code == 2 and "truncated or corrupt" in stderr
     assert not (cache / f"lm1b-{sha[:12]}").exists()
 
 
@@ -336,7 +336,7 @@ def test_unsafe_member_rejects_the_archive(tmp_path, capsys):
             capsys, "--out", tmp_path / "out", "--cache", tmp_path / "cache",
             "--source", archive, "--sha256", sha, "--size", len(data),
         )  # fmt: skip
-        assert code == 1 and "unsafe member path" in stderr
+        assert code == 2 and "unsafe member path" in stderr
     assert not (tmp_path / "evil").exists() and not (tmp_path / "cache" / "evil").exists()
 
 
@@ -457,23 +457,46 @@ def test_flat_folder_defaults_carve_validation(tmp_path, capsys):
     assert code == 0 and "up to date" in stderr and Path(stdout.strip()) == folder
     # Too few sentences to carve.
     code, _, stderr = _run(capsys, "--out", out, "--source", source, "--valid-sentences", 9)
-    assert code == 1 and "cannot carve 9" in stderr
+    assert code == 2 and "cannot carve 9" in stderr
 
 
 def test_split_selection_errors(tmp_path, capsys):
     source = _flat(tmp_path / "src", TOY)
     base = ["--out", tmp_path / "out", "--source", source]
     code, _, stderr = _run(capsys, *base, "--train", "nothing*")
-    assert code == 1 and "'nothing*' matches no file" in stderr
+    assert code == 2 and "'nothing*' matches no file" in stderr
     code, _, stderr = _run(capsys, *base, "--train", "news.en*")
-    assert code == 1 and "selected for both train and" in stderr
+    assert code == 2 and "selected for both train and" in stderr
     code, _, stderr = _run(
         capsys, *base, "--valid", "news.en.heldout-00001*", "--valid-sentences", 1
     )
-    assert code == 1 and "not both" in stderr
+    assert code == 2 and "not both" in stderr
     code, _, stderr = _run(capsys, *base, "--source", tmp_path / "nowhere")
-    assert code == 1 and "does not exist" in stderr
+    assert code == 2 and "does not exist" in stderr
     assert not (tmp_path / "out").exists()
+    (tmp_path / "a-file").write_text("")
+    code, _, stderr = _run(capsys, *base, "--out", tmp_path / "a-file")
+    assert code == 2 and stderr.startswith("error: ") and "a-file" in stderr
+    with pytest.raises(SystemExit) as usage:
+        _run(capsys, *base, "--sha256", "not-hex")
+    assert usage.value.code == 2
+
+
+@pytest.mark.parametrize("blank", [b"", b"\n \n"])
+@pytest.mark.parametrize("shard", ["news.en-00001-of-00100", "news.en.heldout-00001-of-00050"])
+def test_an_empty_split_is_refused(tmp_path, capsys, shard, blank):
+    source = _flat(tmp_path / "src", {**TOY, shard: blank})
+    base = ["--out", tmp_path / "out", "--source", source, "--train", shard]
+    if "heldout" in shard:  # the validation shard, with one training shard
+        base[-1] = "news.en-00001-of-00100"
+    code, stdout, stderr = _run(capsys, *base)
+    split = "valid" if "heldout" in shard else "train"
+    reason = "hold no text" if not blank else "has no sentences"
+    error = stderr.splitlines()[-1]  # after the notes about the vocabulary and empty lines
+    assert code == 2 and stdout == "" and stderr.count("error:") == 1
+    assert error.startswith(f"error: the {split} split ") and reason in error
+    assert str(source / shard) in error
+    assert not list((tmp_path / "out").glob("lm1b-*"))  # no folder, no lm1b-latest
 
 
 def test_idempotent_and_a_changed_recipe_gets_a_new_folder(tmp_path, capsys):
@@ -515,6 +538,17 @@ def test_help_documents_the_options(capsys):
         assert option in text
     for option in ("--min-count", "--max-vocab", "--cache", "--url", "--sha256", "--size"):
         assert option in text
+
+
+def test_help_names_no_path_of_this_machine(tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per paragraph: no path cut by wrapping
+    text = lm1b.build_parser().format_help()
+    # An absolute path after a space, quote or parenthesis (URLs have ':' before their '/').
+    assert re.findall(r"(?:^|[\s'\"`(=])(/[\w.-]+)", text) == []
+    # The same text wherever it is run from, whoever runs it.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert lm1b.build_parser().format_help() == text
 
 
 # --------------------------------------------------------------------------- the real sample

@@ -209,7 +209,13 @@ def test_cli(tmp_path, capsys):
     assert meta["recipe"]["n_topics"] == 3
     with pytest.raises(SystemExit) as error:
         synthetic.main(["--out", str(tmp_path), "--preset", "tiny", "--branching", "0"])
-    assert error.value.code != 0
+    assert error.value.code == 2
+    capsys.readouterr()
+    # An --out that is a file is bad input too: one line, exit status 2.
+    (tmp_path / "a-file").write_text("")
+    assert synthetic.main(["--out", str(tmp_path / "a-file"), "--preset", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "a-file" in err
 
 
 def test_config_validation():

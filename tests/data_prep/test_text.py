@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import numpy as np
@@ -107,9 +108,28 @@ def test_cli(corpus, tmp_path, capsys):
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert Path(last).parent == tmp_path / "out" and Path(last).name.startswith("x-")
     assert read_meta(Path(last))["recipe"]["keep_empty_lines"] is False
-    assert text.main([*args, "--name", "bad name"]) == 1
+    # Bad input is one line on stderr and exit status 2, as for a usage error.
+    capsys.readouterr()
+    assert text.main([*args, "--name", "bad name"]) == 2
+    assert capsys.readouterr().err.startswith("error: name must be")
+    corpus["valid"].write_bytes(b"")
+    assert text.main(args) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: valid file {corpus['valid']} is empty: every split needs some text\n"
+    corpus["valid"].write_bytes(_elf_like(500))
+    assert text.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {corpus['valid']} does not look like")
     corpus["valid"].unlink()
-    assert text.main(args) == 1
+    assert text.main(args) == 2
+    assert capsys.readouterr().err == f"error: valid file {corpus['valid']} not found\n"
+    corpus["valid"].write_bytes(b"the cat\n")
+    (tmp_path / "a-file").write_text("")
+    assert text.main([*args[:-1], str(tmp_path / "a-file")]) == 2  # --out is a file
+    assert capsys.readouterr().err.startswith("error: ")
+    with pytest.raises(SystemExit) as usage:
+        text.main(["--train", str(corpus["train"])])
+    assert usage.value.code == 2
 
 
 @pytest.mark.skipif(not WIKITEXT2.is_dir(), reason="shared/data/wikitext-2 not present")
@@ -127,3 +147,73 @@ def test_wikitext2_counts(tmp_path):
     assert all(meta["text_stats"][s]["unk_tokens"] == 0 for s in SPLITS)
     ids = np.concatenate([read_split(folder, s) for s in SPLITS])
     assert not np.isin(ids, [0, 2]).any()
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_an_empty_split_is_refused(corpus, tmp_path, split):
+    corpus[split].write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"{split} file .*{split}\.txt is empty"):
+        prepare_text(*corpus.values(), tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_a_split_of_dropped_blank_lines_is_refused(corpus, tmp_path):
+    corpus["valid"].write_bytes(b"\n  \n\t\n")
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"valid file .*valid\.txt has no sentences"):
+        prepare_text(*corpus.values(), out, keep_empty_lines=False)
+    assert not list(out.iterdir())  # no half-written folder left behind
+    # Kept, blank lines are sentences of their own: the split is not empty.
+    folder = prepare_text(*corpus.values(), out)
+    assert read_meta(folder)["splits"]["valid"]["tokens"] == 3
+
+
+def _elf_like(size: int) -> bytes:
+    """Bytes shaped like an executable: a header, runs of NULs, high bytes, a few newlines."""
+    body = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8)
+    body[::3] = 0
+    return b"\x7fELF\x02\x01\x01\x00" + body.tobytes()
+
+
+@pytest.mark.parametrize(
+    ("split", "data"),
+    [
+        ("train", _elf_like(4000)),
+        ("test", np.random.default_rng(1).integers(0, 256, 3000, dtype=np.uint8).tobytes()),
+        ("valid", "the cat sat\nthe dog sat\n".encode("utf-16")),  # a NUL beside every letter
+        # Binary for its first MiB, then 6 MB of text: under a tenth bad over all, refused early.
+        ("train", _elf_like(1 << 20) + b"the cat sat\n" * 500_000),
+    ],
+)
+def test_binary_input_is_refused(corpus, tmp_path, split, data):
+    corpus[split].write_bytes(data)
+    with pytest.raises(ValueError, match=rf"{split}\.txt does not look like text: \d+%"):
+        prepare_text(*corpus.values(), tmp_path / "out")
+    assert not list((tmp_path / "out").glob("*"))
+
+
+def test_a_few_bad_bytes_pass_with_a_warning(corpus, tmp_path, capsys):
+    # Stray corruption in real text: two bad bytes and a NUL among a few hundred.
+    corpus["train"].write_bytes(b"the cat sat on the mat\n" * 10 + b"a \xff\xfe b \x00 c\n")
+    # The line is drawn at a quarter of the bytes: 1 bad byte of 4 still passes.
+    corpus["valid"].write_bytes(b"ab\xff\n")
+    folder = prepare_text(*corpus.values(), tmp_path / "out")
+    stats = read_meta(folder)["text_stats"]
+    assert stats["train"]["invalid_utf8_lines"] == 1 and stats["valid"]["invalid_utf8_lines"] == 1
+    err = capsys.readouterr().err
+    assert "warning:" in err and "train.txt: 1 lines with invalid UTF-8" in err
+    # ... and 2 of 4 does not.
+    corpus["valid"].write_bytes(b"a\xff\xff\n")
+    with pytest.raises(ValueError, match="does not look like text: 50% of the 4 bytes"):
+        prepare_text(*corpus.values(), tmp_path / "out")
+
+
+def test_a_damaged_meta_json_names_itself_and_is_rebuilt(corpus, tmp_path):
+    folder = prepare_text(*corpus.values(), tmp_path / "out")
+    meta = folder / "meta.json"
+    meta.write_text(meta.read_text().replace(",", "", 1))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(meta))} is not valid JSON \(Expecting"):
+        read_meta(folder)
+    # Preparing again does not trust the damaged folder: it writes it anew.
+    assert prepare_text(*corpus.values(), tmp_path / "out") == folder
+    assert read_meta(folder)["dataset"] == "toy"

@@ -5,9 +5,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
-from eval.bench_moe import LoopMoE, OneHotMoE, ProjectMoE
+from eval.bench_moe import LoopMoE, OneHotMoE, ProjectMoE, main
 
 
 def test_contenders_compute_the_same_moe():
@@ -71,3 +72,25 @@ def test_cli_writes_json_and_markdown(tmp_path):
             assert row[key] > 0
     assert "| E | H |" in md_path.read_text()
     assert f"wrote {json_path}" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--tokens", "0"], "must be >= 1"),
+        (["--experts", "4", "8", "--hidden", "16", "0"], "must be >= 1"),
+        (["--warmup", "-1"], "--warmup must be >= 0"),
+        (["--experts", "2", "--hidden", "8", "--k", "4"], "must be >= --k"),
+        (["--device", "gpu"], "'gpu' is not a device"),
+        (["--json", "."], "is a folder"),
+        (["--markdown", "a-file/table.md"], "a-file is not a folder"),
+    ],
+)
+def test_bad_options_exit_2_before_anything_runs(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit) as error:
+        main(argv)
+    assert error.value.code == 2
+    err = capsys.readouterr().err
+    assert "bench_moe: error: " in err and message in err

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from eval.bench_parallel import summarise
+from eval.bench_parallel import main, summarise
 
 ROW_KEYS = (
     "ranks", "tokens_per_rank", "global_tokens", "n_experts", "k", "ms", "tokens_per_s",
@@ -71,3 +71,23 @@ def test_cli_reports_tokens_per_expert_as_in_section_3_1(tmp_path, router, k):
     assert "oversubscribe" in done.stdout
     assert "| ranks |" in md_path.read_text()
     assert f"wrote {json_path}" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--experts", "6", "--ranks", "1", "4"], "must be a multiple of every --ranks"),
+        (["--hidden", "0"], "--d-model, --hidden and --threads must be >= 1"),
+        (["--timeout", "0"], "--timeout > 0"),
+        (["--capacity-factor", "0"], "--capacity-factor must be > 0"),
+        (["--json", "a-file/report.json"], "a-file is not a folder"),
+    ],
+)
+def test_bad_options_exit_2_before_any_rank_starts(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit) as error:
+        main(argv)
+    assert error.value.code == 2
+    err = capsys.readouterr().err
+    assert "bench_parallel: error: " in err and message in err

@@ -43,5 +43,5 @@ def test_prepare_train_resume_evaluate_report(tmp_path):
     config = json.loads((other / "config.json").read_text())
     config["data"]["recipe_id"] = "another"
     (other / "config.json").write_text(json.dumps(config))
-    assert report_main([str(runs / "dense"), str(other), "--out", str(runs / "mixed")]) == 1
+    assert report_main([str(runs / "dense"), str(other), "--out", str(runs / "mixed")]) == 2
     assert not (runs / "mixed" / "summary.json").exists()
