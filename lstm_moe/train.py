@@ -34,7 +34,10 @@ from pathlib import Path
 
 import torch
 
-from lstm_moe.config import (
+from lstm_moe.engine.config import RESUMABLE_FIELDS, TrainConfig
+from lstm_moe.engine.ranks import fail, join_ranks
+from lstm_moe.engine.trainer import Trainer
+from lstm_moe.fields import (
     apply_overrides,
     config_from_dict,
     config_to_dict,
@@ -43,9 +46,6 @@ from lstm_moe.config import (
     nearest_names,
     split_overrides,
 )
-from lstm_moe.engine.config import RESUMABLE_FIELDS, TrainConfig
-from lstm_moe.engine.ranks import fail, join_ranks
-from lstm_moe.engine.trainer import Trainer
 from lstm_moe.files import read_json
 from lstm_moe.runtime import resolve_device
 from lstm_moe.tasks import TASKS

@@ -28,7 +28,6 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from lstm_moe.config import config_to_dict
 from lstm_moe.engine.checkpoint import (
     load_optimizer_state_by_name,
     load_run_checkpoint,
@@ -47,6 +46,7 @@ from lstm_moe.engine.ranks import (
     sum_replicated_grads,
 )
 from lstm_moe.engine.task import Task, parameters_of
+from lstm_moe.fields import config_to_dict
 from lstm_moe.files import write_json_atomic, write_text_atomic
 from lstm_moe.moe.parallel import ParallelGroup, expert_tensor_names
 from lstm_moe.runtime import resolve_device

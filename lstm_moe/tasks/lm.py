@@ -28,10 +28,11 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from lstm_moe.config import LMConfig, config_from_dict
+from lstm_moe.config import LMConfig
 from lstm_moe.data import LaneBatches
 from lstm_moe.engine.checkpoint import load_run_checkpoint
 from lstm_moe.engine.task import StepOutput
+from lstm_moe.fields import config_from_dict
 from lstm_moe.files import EOS_ID, read_json, read_meta, read_split
 from lstm_moe.lm import LanguageModel, detach_state
 from lstm_moe.moe.parallel import ParallelGroup, expert_tensor_names

@@ -33,7 +33,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from eval.perplexity import main as perplexity_main
-from lstm_moe.config import LMConfig, apply_overrides
+from lstm_moe.config import LMConfig
+from lstm_moe.fields import apply_overrides
 from lstm_moe.moe.parallel import ParallelGroup
 from lstm_moe.tasks.lm import LanguageModelTask, LMTaskConfig
 from lstm_moe.train import main as train_main

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from lstm_moe.config import LMConfig, apply_overrides
+from lstm_moe.config import LMConfig
 from lstm_moe.data import LaneBatches
+from lstm_moe.fields import apply_overrides
 from lstm_moe.lm import LanguageModel
 from lstm_moe.moe.experts import BatchedExperts
 from lstm_moe.softmax import Softmax, log_uniform_log_prob, sample_log_uniform
