@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from lstm_moe.moe.losses import assignment_counts, importance
 from lstm_moe.moe.parallel import ParallelGroup
-from lstm_moe.moe.routing import Routing, check_top_k, router_precision
+from lstm_moe.moe.routing import Router, Routing, check_top_k
 
 # Standard deviation of a unit normal truncated to [-2, 2]:
 # sqrt(1 - 4·φ(2) / (Φ(2) - Φ(-2))), φ and Φ the normal density and CDF.
@@ -39,7 +39,7 @@ def load_balancing_loss(routed_fraction: Tensor, router_prob_fraction: Tensor) -
     return routed_fraction.numel() * (routed_fraction * router_prob_fraction).sum()
 
 
-class SwitchRouter(nn.Module):
+class SwitchRouter(Router):
     """p(x) = Softmax(x·W_r) (Switch Eq. 1); each token goes to its top-k experts.
 
     k = 1 is the Switch layer: the gate is p_i(x) of the chosen expert itself (Eq. 2), not
@@ -69,6 +69,8 @@ class SwitchRouter(nn.Module):
     number of pairs routed to each expert before capacity.
     """
 
+    name = "switch"
+
     def __init__(
         self,
         d_model: int,
@@ -87,7 +89,7 @@ class SwitchRouter(nn.Module):
             raise ValueError(f"jitter_eps must be in [0, 1), got {jitter_eps}")
         if init_scale <= 0:
             raise ValueError(f"init_scale must be > 0, got {init_scale}")
-        self.n_experts, self.k = n_experts, k
+        self.d_model, self.n_experts, self.k = d_model, n_experts, k
         self.w_balance, self.w_z, self.jitter_eps = w_balance, w_z, jitter_eps
         self.renormalize = renormalize
         # A normal cut at ±2σ keeps TRUNCATED_STD·σ of its standard deviation: draw with a
@@ -96,49 +98,40 @@ class SwitchRouter(nn.Module):
         self.w_router = nn.Parameter(torch.empty(d_model, n_experts))
         nn.init.trunc_normal_(self.w_router, std=sigma, a=-2 * sigma, b=2 * sigma)
 
-    @property
-    def experts_per_token(self) -> int:
-        return self.k
-
-    def forward(self, x: Tensor, group: ParallelGroup | None = None) -> Routing:
-        """x: [T, D], this rank's tokens. Returns a Routing with K = k slots per token."""
-        group = ParallelGroup() if group is None else group
+    def route(self, x: Tensor, group: ParallelGroup) -> Routing:
+        """Returns a Routing with K = k slots per token."""
         n_tokens, n_experts = x.shape[0], self.n_experts
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            x = router_precision(x)
-            if self.training and self.jitter_eps > 0:
-                jitter = 1.0 - self.jitter_eps + 2.0 * self.jitter_eps * torch.rand_like(x)
-                x = x * jitter  # [T, D]
-            logits = x @ self.w_router.to(x.dtype)  # [T, E]
-            probs = torch.softmax(logits, dim=-1)  # p(x), Eq. 1
-            top_probs, expert_index = probs.topk(self.k, dim=-1)  # [T, K]
-            gates = top_probs
-            if self.k > 1 and self.renormalize:
-                gates = top_probs / top_probs.sum(-1, keepdim=True)
+        if self.training and self.jitter_eps > 0:
+            jitter = 1.0 - self.jitter_eps + 2.0 * self.jitter_eps * torch.rand_like(x)
+            x = x * jitter  # [T, D]
+        logits = x @ self.w_router.to(x.dtype)  # [T, E]
+        probs = torch.softmax(logits, dim=-1)  # p(x), Eq. 1
+        top_probs, expert_index = probs.topk(self.k, dim=-1)  # [T, K]
+        gates = top_probs
+        if self.k > 1 and self.renormalize:
+            gates = top_probs / top_probs.sum(-1, keepdim=True)
 
-            # One reduction over ranks for every batch sum: [E] Σ p, [E] Σ gates, [E] pairs
-            # routed, the Σ of squared logsumexp, and the token count.
-            sums = torch.cat(
-                [
-                    probs.sum(0),
-                    importance(gates, expert_index, n_experts),
-                    assignment_counts(expert_index, n_experts).to(probs.dtype),
-                    torch.logsumexp(logits, dim=-1).pow(2).sum().unsqueeze(0),
-                    probs.new_tensor([n_tokens]),
-                ]
-            )
-            sums = group.sum(sums)
-            prob_sum, importance_per_expert, routed, z_sum, total = sums.split(
-                [n_experts, n_experts, n_experts, 1, 1]
-            )
-            total = total.squeeze(0).detach().clamp(min=1)
-            losses = {
-                "balance": load_balancing_loss(
-                    routed.detach() / (total * self.k), prob_sum / total
-                ),
-                "z": z_sum.squeeze(0) / total,
-            }
-            aux_loss = self.w_balance * losses["balance"] + self.w_z * losses["z"]
+        # One reduction over ranks for every batch sum: [E] Σ p, [E] Σ gates, [E] pairs
+        # routed, the Σ of squared logsumexp, and the token count.
+        sums = torch.cat(
+            [
+                probs.sum(0),
+                importance(gates, expert_index, n_experts),
+                assignment_counts(expert_index, n_experts).to(probs.dtype),
+                torch.logsumexp(logits, dim=-1).pow(2).sum().unsqueeze(0),
+                probs.new_tensor([n_tokens]),
+            ]
+        )
+        sums = group.sum(sums)
+        prob_sum, importance_per_expert, routed, z_sum, total = sums.split(
+            [n_experts, n_experts, n_experts, 1, 1]
+        )
+        total = total.squeeze(0).detach().clamp(min=1)
+        losses = {
+            "balance": load_balancing_loss(routed.detach() / (total * self.k), prob_sum / total),
+            "z": z_sum.squeeze(0) / total,
+        }
+        aux_loss = self.w_balance * losses["balance"] + self.w_z * losses["z"]
         return Routing(
             expert_index,
             gates,

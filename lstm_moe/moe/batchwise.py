@@ -12,10 +12,10 @@ from torch import Tensor, nn
 
 from .losses import assignment_counts, batchwise_threshold_loss, importance
 from .parallel import ParallelGroup
-from .routing import Routing, balance_losses, check_top_k, router_precision
+from .routing import Router, Routing, balance_losses, check_top_k
 
 
-class BatchwiseRouter(nn.Module):
+class BatchwiseRouter(Router):
     """Training: every expert takes exactly its top m = k·|X|/n tokens of the batch (Eq. 18).
     Inference: expert i takes token x when G_σ(x)_i > T_i, with per-expert thresholds T learned
     by the loss of Eq. 20 (Eq. 19). Gates are G_σ(x) masked and renormalised (Eq. 16).
@@ -43,6 +43,8 @@ class BatchwiseRouter(nn.Module):
     the ranks.
     """
 
+    name = "batchwise"
+
     def __init__(
         self,
         d_model: int,
@@ -56,7 +58,7 @@ class BatchwiseRouter(nn.Module):
     ) -> None:
         super().__init__()
         check_top_k(k, n_experts)
-        self.n_experts, self.k = n_experts, k
+        self.d_model, self.n_experts, self.k = d_model, n_experts, k
         self.w_importance, self.w_load, self.w_threshold = w_importance, w_load, w_threshold
         init_std = 1.0 / math.sqrt(d_model) if init_std is None else init_std
         self.w_gate = nn.Parameter(torch.randn(d_model, n_experts) * init_std)
@@ -66,47 +68,43 @@ class BatchwiseRouter(nn.Module):
         """m = k·|X|/n of Eq. 18, rounded down, in [1, |X|]."""
         return min(n_tokens, max(1, (self.k * n_tokens) // self.n_experts))
 
-    def forward(self, x: Tensor, group: ParallelGroup | None = None) -> Routing:
-        """x: [T, D], this rank's tokens. Returns a Routing whose slots are padded with
-        expert -1."""
-        group = ParallelGroup() if group is None else group
+    def route(self, x: Tensor, group: ParallelGroup) -> Routing:
+        """Returns a Routing whose slots are padded with expert -1."""
         n_tokens = x.shape[0]
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            x = router_precision(x)
-            gate_probs = torch.softmax(x @ self.w_gate.to(x.dtype), dim=-1)  # G_σ, [T, E]
-            # Eq. 18 ranks the tokens of the whole batch: gather every rank's (constant) values.
-            all_probs, first_row = group.gather_batch(gate_probs)  # [|X|, E]
-            n_all = all_probs.shape[0]
-            m = self.tokens_per_expert(n_all) if n_all else 0
-            top_tokens = all_probs.topk(m, dim=0).indices  # [m, E]
-            batchwise_mask = torch.zeros_like(all_probs, dtype=torch.bool)
-            batchwise_mask = batchwise_mask.scatter(0, top_tokens, True)  # Eq. 18, [|X|, E]
-            batchwise_mask = batchwise_mask[first_row : first_row + n_tokens]  # [T, E]
-            threshold_loss = group.sum(
-                batchwise_threshold_loss(gate_probs, self.thresholds, batchwise_mask, n_all)
-            )
-            mask = batchwise_mask if self.training else gate_probs > self.thresholds.detach()
+        gate_probs = torch.softmax(x @ self.w_gate.to(x.dtype), dim=-1)  # G_σ, [T, E]
+        # Eq. 18 ranks the tokens of the whole batch: gather every rank's (constant) values.
+        all_probs, first_row = group.gather_batch(gate_probs)  # [|X|, E]
+        n_all = all_probs.shape[0]
+        m = self.tokens_per_expert(n_all) if n_all else 0
+        top_tokens = all_probs.topk(m, dim=0).indices  # [m, E]
+        batchwise_mask = torch.zeros_like(all_probs, dtype=torch.bool)
+        batchwise_mask = batchwise_mask.scatter(0, top_tokens, True)  # Eq. 18, [|X|, E]
+        batchwise_mask = batchwise_mask[first_row : first_row + n_tokens]  # [T, E]
+        threshold_loss = group.sum(
+            batchwise_threshold_loss(gate_probs, self.thresholds, batchwise_mask, n_all)
+        )
+        mask = batchwise_mask if self.training else gate_probs > self.thresholds.detach()
 
-            masked = gate_probs * mask  # [T, E]
-            total = masked.sum(-1, keepdim=True)  # [T, 1]
-            # Eq. 16; a token no expert took keeps zero gates (divided by 1, not by ~0, which
-            # would inflate a selected gate value that underflowed).
-            all_gates = masked / torch.where(total > 0, total, 1.0)  # [T, E]
-            # Compact the variable set of experts per token into K padded slots.
-            slots = max(1, int(mask.sum(-1).max())) if n_tokens else 1
-            scores = torch.where(mask, gate_probs, -1.0)
-            top_scores, top_index = scores.topk(slots, dim=-1)  # [T, K]
-            valid = top_scores >= 0
-            expert_index = torch.where(valid, top_index, -1)
-            gates = torch.where(valid, all_gates.gather(-1, top_index), 0.0)  # [T, K]
+        masked = gate_probs * mask  # [T, E]
+        total = masked.sum(-1, keepdim=True)  # [T, 1]
+        # Eq. 16; a token no expert took keeps zero gates (divided by 1, not by ~0, which
+        # would inflate a selected gate value that underflowed).
+        all_gates = masked / torch.where(total > 0, total, 1.0)  # [T, E]
+        # Compact the variable set of experts per token into K padded slots.
+        slots = max(1, int(mask.sum(-1).max())) if n_tokens else 1
+        scores = torch.where(mask, gate_probs, -1.0)
+        top_scores, top_index = scores.topk(slots, dim=-1)  # [T, K]
+        valid = top_scores >= 0
+        expert_index = torch.where(valid, top_index, -1)
+        gates = torch.where(valid, all_gates.gather(-1, top_index), 0.0)  # [T, K]
 
-            importance_per_expert = group.sum(importance(gates, expert_index, self.n_experts))
-            load = group.sum(assignment_counts(expert_index, self.n_experts).to(gates.dtype))
-            losses, aux_loss = balance_losses(
-                importance_per_expert, load, self.w_importance, self.w_load
-            )
-            losses["threshold"] = threshold_loss
-            aux_loss = aux_loss + self.w_threshold * threshold_loss
-            without_expert = group.sum((~mask.any(-1)).float().sum())
-            extra = {"fraction_tokens_without_expert": without_expert / max(n_all, 1)}
+        importance_per_expert = group.sum(importance(gates, expert_index, self.n_experts))
+        load = group.sum(assignment_counts(expert_index, self.n_experts).to(gates.dtype))
+        losses, aux_loss = balance_losses(
+            importance_per_expert, load, self.w_importance, self.w_load
+        )
+        losses["threshold"] = threshold_loss
+        aux_loss = aux_loss + self.w_threshold * threshold_loss
+        without_expert = group.sum((~mask.any(-1)).float().sum())
+        extra = {"fraction_tokens_without_expert": without_expert / max(n_all, 1)}
         return Routing(expert_index, gates, importance_per_expert, load, losses, aux_loss, extra)

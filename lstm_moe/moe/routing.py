@@ -1,5 +1,5 @@
-"""The routing result every router returns, and the noisy top-k gate (Shazeer et al. 2017,
-§2.1 Eq. 3-5 and App. A Eq. 6-11).
+"""The routing result every router returns, the base class every router derives from, and the
+noisy top-k gate (Shazeer et al. 2017, §2.1 Eq. 3-5 and App. A Eq. 6-11).
 
 Index letters: T tokens, D model width, E experts, K experts kept per token.
 """
@@ -7,6 +7,7 @@ Index letters: T tokens, D model width, E experts, K experts kept per token.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -110,7 +111,38 @@ def check_top_k(k: int, n_experts: int, name: str = "k") -> None:
         raise ValueError(f"{name} must be in [1, {n_experts}] (the number of experts), got {k}")
 
 
-class NoisyTopKRouter(nn.Module):
+class Router(nn.Module):
+    """What every router shares: x[T, D] (this rank's tokens) -> Routing, with the router's
+    math in float32 even under autocast (Switch Transformer's selective precision).
+
+    `forward(x, group=None)` does the part every router needs and then calls the subclass's
+    `route`: group None is this process alone, and the input is taken out of autocast and into
+    float32 (router_precision). A subclass sets `name` (its MoEConfig.router name) and defines
+    `route`; it keeps d_model, n_experts and k as attributes.
+    """
+
+    name: ClassVar[str]
+    d_model: int
+    n_experts: int
+    k: int
+
+    @property
+    def experts_per_token(self) -> int:
+        """Routing slots a token fills (what sizes the capacity)."""
+        return self.k
+
+    def forward(self, x: Tensor, group: ParallelGroup | None = None) -> Routing:
+        """x: [T, D], this rank's tokens."""
+        group = ParallelGroup() if group is None else group
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self.route(router_precision(x), group)
+
+    def route(self, x: Tensor, group: ParallelGroup) -> Routing:
+        """x: [T, D] float32 (or float64), outside autocast."""
+        raise NotImplementedError
+
+
+class NoisyTopKRouter(Router):
     """Noisy top-k gating (Eq. 3-5) with the importance and load losses of App. A.
 
     Training: H(x) = x·W_g + N(0, 1)·(Softplus(x·W_noise) + noise_epsilon); the k largest
@@ -123,6 +155,8 @@ class NoisyTopKRouter(nn.Module):
     Importance and Load are sums over the batch; with a ParallelGroup they are summed over the
     ranks too (differentiably) before CV², so the losses are those of the global batch.
     """
+
+    name = "noisy_topk"
 
     def __init__(
         self,
@@ -138,27 +172,24 @@ class NoisyTopKRouter(nn.Module):
         check_top_k(k, n_experts)
         if noise_epsilon < 0:
             raise ValueError(f"noise_epsilon must be >= 0, got {noise_epsilon}")
-        self.n_experts, self.k = n_experts, k
+        self.d_model, self.n_experts, self.k = d_model, n_experts, k
         self.w_importance, self.w_load = w_importance, w_load
         self.noise_epsilon = noise_epsilon
         self.w_gate = nn.Parameter(torch.zeros(d_model, n_experts))
         self.w_noise = nn.Parameter(torch.zeros(d_model, n_experts))
 
-    def forward(self, x: Tensor, group: ParallelGroup | None = None) -> Routing:
-        """x: [T, D], this rank's tokens. Returns a Routing with K = k slots per token."""
-        group = ParallelGroup() if group is None else group
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            x = router_precision(x)
-            clean_logits = x @ self.w_gate.to(x.dtype)  # [T, E]
-            raw_noise = x @ self.w_noise.to(x.dtype) if self.training else None  # [T, E]
-            gating = noisy_top_k_gating(clean_logits, raw_noise, self.k, self.noise_epsilon)
-            importance_per_expert = group.sum(
-                importance(gating.gates, gating.index, self.n_experts)
-            )  # Eq. 6, [E]
-            load_per_expert = group.sum(gating.load_per_row.sum(0))  # Eq. 10, [E]
-            losses, aux_loss = balance_losses(
-                importance_per_expert, load_per_expert, self.w_importance, self.w_load
-            )
+    def route(self, x: Tensor, group: ParallelGroup) -> Routing:
+        """Returns a Routing with K = k slots per token."""
+        clean_logits = x @ self.w_gate.to(x.dtype)  # [T, E]
+        raw_noise = x @ self.w_noise.to(x.dtype) if self.training else None  # [T, E]
+        gating = noisy_top_k_gating(clean_logits, raw_noise, self.k, self.noise_epsilon)
+        importance_per_expert = group.sum(
+            importance(gating.gates, gating.index, self.n_experts)
+        )  # Eq. 6, [E]
+        load_per_expert = group.sum(gating.load_per_row.sum(0))  # Eq. 10, [E]
+        losses, aux_loss = balance_losses(
+            importance_per_expert, load_per_expert, self.w_importance, self.w_load
+        )
         return Routing(
             gating.index, gating.gates, importance_per_expert, load_per_expert, losses, aux_loss
         )
@@ -166,6 +197,7 @@ class NoisyTopKRouter(nn.Module):
 
 __all__ = [
     "NoisyTopKRouter",
+    "Router",
     "Routing",
     "TopKGating",
     "assignment_counts",
