@@ -1,6 +1,6 @@
 """The sparsely-gated Mixture-of-Experts layer (Shazeer et al. 2017).
 
-router (routing.py, hierarchical.py, batchwise.py) -> dispatcher (dispatch.py) ->
+router (routing.py, hierarchical.py, batchwise.py, switch_router.py) -> dispatcher (dispatch.py) ->
 batched experts (experts.py), with the experts sharded over ranks by parallel.py (one rank
 is the same code), assembled in layer.py.
 """
@@ -18,7 +18,8 @@ from .parallel import (
     shard_state_dict,
     share_capacity,
 )
-from .routing import NoisyTopKRouter, Routing, noisy_top_k_gating
+from .routing import NoisyTopKRouter, Router, Routing, noisy_top_k_gating
+from .switch_router import SwitchRouter, load_balancing_loss
 
 __all__ = [
     "BatchedExperts",
@@ -32,13 +33,16 @@ __all__ = [
     "MoEStats",
     "NoisyTopKRouter",
     "ParallelGroup",
+    "Router",
     "Routing",
+    "SwitchRouter",
     "combine_rows",
     "cv_squared",
     "expert_capacity",
     "gather_rows",
     "gather_state_dict",
     "grouped_matmul",
+    "load_balancing_loss",
     "noisy_top_k_gating",
     "plan_dispatch",
     "prob_in_top_k",
