@@ -6,6 +6,7 @@ Index letters: T tokens, D model width, E experts, K slots per token (variable, 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -13,6 +14,9 @@ from torch import Tensor, nn
 from .losses import assignment_counts, batchwise_threshold_loss, importance
 from .parallel import ParallelGroup
 from .routing import Router, Routing, balance_losses, check_top_k
+
+if TYPE_CHECKING:
+    from .layer import MoEConfig
 
 
 class BatchwiseRouter(Router):
@@ -26,8 +30,9 @@ class BatchwiseRouter(Router):
     - m = floor(k·|X|/n), at least 1 and at most |X|.
     - A token that no expert selected gets all-zero gates (no output from the layer).
     - Ties between exactly equal gate values are broken by torch.topk (implementation-defined).
-    - W_g starts from N(0, init_std²), not zero: with no noise, zero weights would give every
-      token the same gate values and every expert the same m tokens.
+    - W_g starts from N(0, init_std²), init_std = 1/sqrt(d_model) unless given, not zero: with
+      no noise, zero weights would give every token the same gate values and every expert the
+      same m tokens.
     - T starts at 1/n, the gate value of a uniform gate.
     - L_batchwise is divided by |X| and moves only T (gate values are detached), reported as
       losses["threshold"] and weighted by w_threshold; in evaluation it is still computed
@@ -58,15 +63,42 @@ class BatchwiseRouter(Router):
     ) -> None:
         super().__init__()
         check_top_k(k, n_experts)
+        if init_std is not None and init_std <= 0:
+            raise ValueError(f"init_std must be > 0 (or None for 1/sqrt(d_model)), got {init_std}")
         self.d_model, self.n_experts, self.k = d_model, n_experts, k
         self.w_importance, self.w_load, self.w_threshold = w_importance, w_load, w_threshold
-        init_std = 1.0 / math.sqrt(d_model) if init_std is None else init_std
-        self.w_gate = nn.Parameter(torch.randn(d_model, n_experts) * init_std)
+        self.init_std = init_std
+        std = 1.0 / math.sqrt(d_model) if init_std is None else init_std
+        self.w_gate = nn.Parameter(torch.randn(d_model, n_experts) * std)
         self.thresholds = nn.Parameter(torch.full((n_experts,), 1.0 / n_experts))
 
     def tokens_per_expert(self, n_tokens: int) -> int:
         """m = k·|X|/n of Eq. 18, rounded down, in [1, |X|]."""
         return min(n_tokens, max(1, (self.k * n_tokens) // self.n_experts))
+
+    @classmethod
+    def from_config(cls, config: MoEConfig) -> BatchwiseRouter:
+        return cls(
+            config.d_model,
+            config.n_experts,
+            config.k,
+            w_importance=config.w_importance,
+            w_load=config.w_load,
+            w_threshold=config.w_threshold,
+            init_std=config.batchwise_init_std,
+        )
+
+    def config_fields(self) -> dict[str, Any]:
+        return {
+            **super().config_fields(),
+            "w_importance": self.w_importance,
+            "w_load": self.w_load,
+            "w_threshold": self.w_threshold,
+            "batchwise_init_std": self.init_std,
+        }
+
+    def gating_ops_per_token(self) -> int:
+        return self.d_model * self.n_experts  # W_g only (Eq. 15): no noise matrix
 
     def route(self, x: Tensor, group: ParallelGroup) -> Routing:
         """Returns a Routing whose slots are padded with expert -1."""

@@ -10,6 +10,8 @@ K2 = k, N token-group pairs (T·K1).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 from torch import Tensor, nn
 
@@ -18,6 +20,9 @@ from .experts import grouped_matmul
 from .losses import importance
 from .parallel import ParallelGroup
 from .routing import Router, Routing, balance_losses, check_top_k, noisy_top_k_gating
+
+if TYPE_CHECKING:
+    from .layer import MoEConfig
 
 
 class HierarchicalRouter(Router):
@@ -63,6 +68,34 @@ class HierarchicalRouter(Router):
     @property
     def experts_per_token(self) -> int:
         return self.k_groups * self.k
+
+    @classmethod
+    def from_config(cls, config: MoEConfig) -> HierarchicalRouter:
+        return cls(
+            config.d_model,
+            config.n_groups,
+            config.n_experts // config.n_groups,
+            config.k_groups,
+            config.k,
+            w_importance=config.w_importance,
+            w_load=config.w_load,
+            noise_epsilon=config.noise_epsilon,
+        )
+
+    def config_fields(self) -> dict[str, Any]:
+        return {
+            **super().config_fields(),
+            "n_groups": self.n_groups,
+            "k_groups": self.k_groups,
+            "w_importance": self.w_importance,
+            "w_load": self.w_load,
+            "noise_epsilon": self.noise_epsilon,
+        }
+
+    def gating_ops_per_token(self) -> int:
+        # The primary W_g and W_noise, and those of the k_groups secondary gates a token uses.
+        primary = 2 * self.d_model * self.n_groups
+        return primary + self.k_groups * 2 * self.d_model * self.experts_per_group
 
     def route(self, x: Tensor, group: ParallelGroup) -> Routing:
         """Returns a Routing with K1·K2 slots per token over A·B flat experts."""

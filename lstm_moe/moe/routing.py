@@ -7,7 +7,7 @@ Index letters: T tokens, D model width, E experts, K experts kept per token.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +15,9 @@ from torch import Tensor, nn
 
 from .losses import assignment_counts, cv_squared, importance, prob_in_top_k
 from .parallel import ParallelGroup
+
+if TYPE_CHECKING:
+    from .layer import MoEConfig
 
 
 @dataclass
@@ -112,13 +115,18 @@ def check_top_k(k: int, n_experts: int, name: str = "k") -> None:
 
 
 class Router(nn.Module):
-    """What every router shares: x[T, D] (this rank's tokens) -> Routing, with the router's
-    math in float32 even under autocast (Switch Transformer's selective precision).
+    """What every router shares: x[T, D] (this rank's tokens) -> Routing, the router's math in
+    float32 even under autocast (Switch Transformer's selective precision), and its description
+    as MoEConfig fields.
 
     `forward(x, group=None)` does the part every router needs and then calls the subclass's
     `route`: group None is this process alone, and the input is taken out of autocast and into
-    float32 (router_precision). A subclass sets `name` (its MoEConfig.router name) and defines
-    `route`; it keeps d_model, n_experts and k as attributes.
+    float32 (router_precision).
+
+    A subclass sets `name` (its MoEConfig.router name) and defines `route`, `from_config` (build
+    from a MoEConfig), `config_fields` (the MoEConfig fields that rebuild it: from_config of a
+    config holding them gives the same router) and `gating_ops_per_token`. It keeps d_model,
+    n_experts and k as attributes.
     """
 
     name: ClassVar[str]
@@ -139,6 +147,19 @@ class Router(nn.Module):
 
     def route(self, x: Tensor, group: ParallelGroup) -> Routing:
         """x: [T, D] float32 (or float64), outside autocast."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, config: MoEConfig) -> Router:
+        raise NotImplementedError
+
+    def config_fields(self) -> dict[str, Any]:
+        """The MoEConfig fields that describe this router: its name, n_experts, k and options."""
+        return {"router": self.name, "n_experts": self.n_experts, "k": self.k}
+
+    def gating_ops_per_token(self) -> int:
+        """Multiply-adds of the gating network per token (Table 7 counts every gating matrix
+        a token is multiplied by, W_noise included)."""
         raise NotImplementedError
 
 
@@ -177,6 +198,28 @@ class NoisyTopKRouter(Router):
         self.noise_epsilon = noise_epsilon
         self.w_gate = nn.Parameter(torch.zeros(d_model, n_experts))
         self.w_noise = nn.Parameter(torch.zeros(d_model, n_experts))
+
+    @classmethod
+    def from_config(cls, config: MoEConfig) -> NoisyTopKRouter:
+        return cls(
+            config.d_model,
+            config.n_experts,
+            config.k,
+            w_importance=config.w_importance,
+            w_load=config.w_load,
+            noise_epsilon=config.noise_epsilon,
+        )
+
+    def config_fields(self) -> dict[str, Any]:
+        return {
+            **super().config_fields(),
+            "w_importance": self.w_importance,
+            "w_load": self.w_load,
+            "noise_epsilon": self.noise_epsilon,
+        }
+
+    def gating_ops_per_token(self) -> int:
+        return 2 * self.d_model * self.n_experts  # W_g and W_noise, Eq. 3-4
 
     def route(self, x: Tensor, group: ParallelGroup) -> Routing:
         """Returns a Routing with K = k slots per token."""

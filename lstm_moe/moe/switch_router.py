@@ -5,12 +5,11 @@ router computed in float32 (selective precision) and multiplicative input jitter
 It is a router and nothing else: it returns a Routing, and the core's dispatcher, capacity,
 batched experts and expert parallelism do the rest, exactly as for the 2017 gates:
 
-    MoELayer(d_model, n_experts, expert_hidden, k=1, router=SwitchRouter(d_model, n_experts),
-             capacity_factor=1.25)
+    MoELayer(d_model, n_experts, expert_hidden, k=1, router="switch", capacity_factor=1.25)
 
-It lives in the core beside the 2017 routers, so that the core, which never imports the
-`switch` package, can build every router from a MoEConfig by name; the `switch` package
-re-exports it as the Switch Transformer's import path.
+It lives in the core beside the 2017 routers so that one mapping (routers.py) builds every
+router from a MoEConfig; the `switch` package re-exports it as the Switch Transformer's import
+path.
 
 Index letters: T tokens, D model width, E experts, K experts per token.
 """
@@ -18,6 +17,7 @@ Index letters: T tokens, D model width, E experts, K experts per token.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +25,9 @@ from torch import Tensor, nn
 from .losses import assignment_counts, importance
 from .parallel import ParallelGroup
 from .routing import Router, Routing, check_top_k
+
+if TYPE_CHECKING:
+    from .layer import MoEConfig
 
 # Standard deviation of a unit normal truncated to [-2, 2]:
 # sqrt(1 - 4·φ(2) / (Φ(2) - Φ(-2))), φ and Φ the normal density and CDF.
@@ -95,16 +98,42 @@ class SwitchRouter(Router):
             raise ValueError(f"init_scale must be > 0, got {init_scale}")
         self.d_model, self.n_experts, self.k = d_model, n_experts, k
         self.w_balance, self.w_z, self.jitter_eps = w_balance, w_z, jitter_eps
-        self.renormalize = renormalize
+        self.init_scale, self.renormalize = init_scale, renormalize
         # A normal cut at ±2σ keeps TRUNCATED_STD·σ of its standard deviation: draw with a
         # larger σ so that what is left is sqrt(init_scale / D).
         sigma = math.sqrt(init_scale / d_model) / TRUNCATED_STD
         self.w_router = nn.Parameter(torch.empty(d_model, n_experts))
         nn.init.trunc_normal_(self.w_router, std=sigma, a=-2 * sigma, b=2 * sigma)
 
+    @classmethod
+    def from_config(cls, config: MoEConfig) -> SwitchRouter:
+        return cls(
+            config.d_model,
+            config.n_experts,
+            config.k,
+            w_balance=config.w_balance,
+            w_z=config.w_z,
+            jitter_eps=config.jitter_eps,
+            init_scale=config.switch_init_scale,
+            renormalize=config.switch_renormalize,
+        )
+
+    def config_fields(self) -> dict[str, Any]:
+        return {
+            **super().config_fields(),
+            "w_balance": self.w_balance,
+            "w_z": self.w_z,
+            "jitter_eps": self.jitter_eps,
+            "switch_init_scale": self.init_scale,
+            "switch_renormalize": self.renormalize,
+        }
+
+    def gating_ops_per_token(self) -> int:
+        return self.d_model * self.n_experts  # W_r only (Eq. 1)
+
     def route(self, x: Tensor, group: ParallelGroup) -> Routing:
         """Returns a Routing with K = k slots per token."""
-        n_tokens, n_experts = x.shape[0], self.n_experts
+        n_experts = self.n_experts
         if self.training and self.jitter_eps > 0:
             jitter = 1.0 - self.jitter_eps + 2.0 * self.jitter_eps * torch.rand_like(x)
             x = x * jitter  # [T, D]
@@ -114,6 +143,8 @@ class SwitchRouter(Router):
         gates = top_probs
         if self.k > 1 and self.renormalize:
             gates = top_probs / top_probs.sum(-1, keepdim=True)
+        squared_lse = torch.logsumexp(logits, dim=-1).pow(2)  # [T], for the z-loss
+        n_tokens = probs.new_tensor([x.shape[0]])
 
         # One reduction over ranks for every batch sum: [E] Σ p, [E] Σ gates, [E] pairs
         # routed, the Σ of squared logsumexp, and the token count.
@@ -122,8 +153,8 @@ class SwitchRouter(Router):
                 probs.sum(0),
                 importance(gates, expert_index, n_experts),
                 assignment_counts(expert_index, n_experts).to(probs.dtype),
-                torch.logsumexp(logits, dim=-1).pow(2).sum().unsqueeze(0),
-                probs.new_tensor([n_tokens]),
+                squared_lse.sum().unsqueeze(0),
+                n_tokens,
             ]
         )
         sums = group.sum(sums)
