@@ -46,6 +46,9 @@ class BatchwiseRouter(Router):
     rank are gathered so that each expert takes its top m = k·|X|/n tokens of the global batch,
     and the sums behind Importance, Load, L_batchwise and the extra statistic are summed over
     the ranks.
+    Masked (padding) tokens are not part of X: they never take one of an expert's m places,
+    |X| counts real tokens only (so m = k·|X|/n does too), and they are left out of Importance,
+    Load, L_batchwise and the extra statistic. The gate draws no noise.
     """
 
     name = "batchwise"
@@ -100,31 +103,42 @@ class BatchwiseRouter(Router):
     def gating_ops_per_token(self) -> int:
         return self.d_model * self.n_experts  # W_g only (Eq. 15): no noise matrix
 
-    def route(self, x: Tensor, group: ParallelGroup) -> Routing:
+    def route(self, x: Tensor, group: ParallelGroup, mask: Tensor | None) -> Routing:
         """Returns a Routing whose slots are padded with expert -1."""
         n_tokens = x.shape[0]
         gate_probs = torch.softmax(x @ self.w_gate.to(x.dtype), dim=-1)  # G_σ, [T, E]
         # Eq. 18 ranks the tokens of the whole batch: gather every rank's (constant) values.
-        all_probs, first_row = group.gather_batch(gate_probs)  # [|X|, E]
-        n_all = all_probs.shape[0]
+        # Masked rows rank as -1, below every gate value (>= 0): they never win a place, and
+        # the rows that are >= 0 after the gather count |X|.
+        ranked = gate_probs if mask is None else gate_probs.masked_fill(~mask.unsqueeze(-1), -1)
+        all_probs, first_row = group.gather_batch(ranked)  # [rows of all ranks, E]
+        n_all = all_probs.shape[0] if mask is None else int((all_probs[:, 0] >= 0).sum())  # |X|
         m = self.tokens_per_expert(n_all) if n_all else 0
         top_tokens = all_probs.topk(m, dim=0).indices  # [m, E]
         batchwise_mask = torch.zeros_like(all_probs, dtype=torch.bool)
-        batchwise_mask = batchwise_mask.scatter(0, top_tokens, True)  # Eq. 18, [|X|, E]
+        batchwise_mask = batchwise_mask.scatter(0, top_tokens, True)  # Eq. 18
         batchwise_mask = batchwise_mask[first_row : first_row + n_tokens]  # [T, E]
+        real_probs, real_batchwise = gate_probs, batchwise_mask
+        if mask is not None:
+            real_probs, real_batchwise = gate_probs[mask], batchwise_mask[mask]  # [T_real, E]
         threshold_loss = group.sum(
-            batchwise_threshold_loss(gate_probs, self.thresholds, batchwise_mask, n_all)
+            batchwise_threshold_loss(real_probs, self.thresholds, real_batchwise, n_all)
         )
-        mask = batchwise_mask if self.training else gate_probs > self.thresholds.detach()
+        if self.training:
+            selected = batchwise_mask
+        else:
+            selected = gate_probs > self.thresholds.detach()  # Eq. 19, [T, E]
+            if mask is not None:
+                selected = selected & mask.unsqueeze(-1)
 
-        masked = gate_probs * mask  # [T, E]
-        total = masked.sum(-1, keepdim=True)  # [T, 1]
+        selected_probs = gate_probs * selected  # [T, E]
+        total = selected_probs.sum(-1, keepdim=True)  # [T, 1]
         # Eq. 16; a token no expert took keeps zero gates (divided by 1, not by ~0, which
         # would inflate a selected gate value that underflowed).
-        all_gates = masked / torch.where(total > 0, total, 1.0)  # [T, E]
+        all_gates = selected_probs / torch.where(total > 0, total, 1.0)  # [T, E]
         # Compact the variable set of experts per token into K padded slots.
-        slots = max(1, int(mask.sum(-1).max())) if n_tokens else 1
-        scores = torch.where(mask, gate_probs, -1.0)
+        slots = max(1, int(selected.sum(-1).max())) if n_tokens else 1
+        scores = torch.where(selected, gate_probs, -1.0)
         top_scores, top_index = scores.topk(slots, dim=-1)  # [T, K]
         valid = top_scores >= 0
         expert_index = torch.where(valid, top_index, -1)
@@ -137,6 +151,9 @@ class BatchwiseRouter(Router):
         )
         losses["threshold"] = threshold_loss
         aux_loss = aux_loss + self.w_threshold * threshold_loss
-        without_expert = group.sum((~mask.any(-1)).float().sum())
+        unselected = ~selected.any(-1)  # [T]
+        if mask is not None:
+            unselected = unselected & mask
+        without_expert = group.sum(unselected.float().sum())
         extra = {"fraction_tokens_without_expert": without_expert / max(n_all, 1)}
         return Routing(expert_index, gates, importance_per_expert, load, losses, aux_loss, extra)

@@ -36,6 +36,10 @@ class HierarchicalRouter(Router):
     With a ParallelGroup, the sums over the batch that Eq. 13-14 are built from (Importance,
     Load_primary, the secondary Loads and the group sizes |X^(g)|) are summed over the ranks
     before they are combined, so the losses are those of the global batch.
+    Masked (padding) tokens choose no group, so they form no (token, group) pair and are left
+    out of every sum above. The primary noise is drawn for every row, padded ones included (a
+    padded batch gives its real tokens other noise than the same tokens alone); the secondary
+    noise only for the real pairs.
     """
 
     name = "hierarchical"
@@ -97,7 +101,7 @@ class HierarchicalRouter(Router):
         primary = 2 * self.d_model * self.n_groups
         return primary + self.k_groups * 2 * self.d_model * self.experts_per_group
 
-    def route(self, x: Tensor, group: ParallelGroup) -> Routing:
+    def route(self, x: Tensor, group: ParallelGroup, mask: Tensor | None) -> Routing:
         """Returns a Routing with K1·K2 slots per token over A·B flat experts."""
         n_tokens = x.shape[0]
         primary = noisy_top_k_gating(
@@ -105,6 +109,7 @@ class HierarchicalRouter(Router):
             x @ self.w_noise_primary.to(x.dtype) if self.training else None,
             self.k_groups,
             self.noise_epsilon,
+            mask,
         )
         primary_load = group.sum(primary.load_per_row.sum(0))  # Load_primary(X), [A]
 

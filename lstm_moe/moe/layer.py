@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
@@ -30,7 +31,8 @@ class MoEConfig:
     n_groups: hierarchical only, the primary branching factor a; n_experts = a·b.
     k_groups: hierarchical only, groups per token.
     capacity_factor: None for dropless, else each expert takes at most
-        ceil(capacity_factor · T · experts_per_token / E) tokens.
+        ceil(capacity_factor · T · experts_per_token / E) tokens, T the real (unmasked) tokens
+        of the batch of all ranks.
     w_importance, w_load: weights of CV²(Importance) and CV²(Load) (App. A): 0.1 for language
         modelling, 0.01 for translation (the 2017 routers).
     w_threshold: batchwise only, weight of the threshold loss of App. F, Eq. 20.
@@ -122,7 +124,8 @@ class MoEConfig:
 
 @dataclass
 class MoEStats:
-    """Routing statistics of one call, all detached, over the batch of all ranks.
+    """Routing statistics of one call, all detached, over the batch of all ranks (its real
+    tokens only, under a mask).
 
     tokens_per_expert: [E] rows each expert computed (after capacity).
     importance: [E] Σ_x G(x); load: [E] the router's Load (smooth estimate in training).
@@ -231,27 +234,45 @@ class MoELayer(nn.Module):
             **options,
         )
 
-    def forward(self, x: Tensor) -> MoEOutput:
-        """x: [..., D] float. Returns MoEOutput with output [..., D]."""
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> MoEOutput:
+        """x: [..., D] float; mask: [...] bool (x's leading shape), True for a real token, or
+        None (every token real). A masked token is routed to no expert, its output is exactly
+        0, and it counts in no loss, capacity or statistic: a padded batch gives its real
+        tokens the results of those tokens alone (up to the routers' random draws, which
+        padded rows still take). Returns MoEOutput with output [..., D]."""
         d_model = self.config.d_model
         if x.shape[-1] != d_model:
             raise ValueError(f"input width (last dim) must be d_model={d_model}, got {x.shape[-1]}")
         tokens = x.reshape(-1, d_model)  # [T, D]
-        routing = self.router(tokens, group=self.group)
+        token_mask = None
+        if mask is not None:
+            if mask.dtype != torch.bool or mask.shape != x.shape[:-1]:
+                raise ValueError(
+                    f"mask must be bool of shape {tuple(x.shape[:-1])} (x's leading dims), "
+                    f"got {mask.dtype} {tuple(mask.shape)}"
+                )
+            token_mask = mask.reshape(-1)  # [T]
+        routing = self.router(tokens, group=self.group, mask=token_mask)
         output, dispatch = self.mix_experts(
-            tokens, routing.expert_index, routing.gates, routing.slot_priority
+            tokens, routing.expert_index, routing.gates, routing.slot_priority, token_mask
         )
         stats = _routing_stats(routing, dispatch.rows_per_expert, dispatch.routed_per_expert)
         output = output.view(*x.shape[:-1], d_model)
         return MoEOutput(output, routing.aux_loss, routing.losses, stats)
 
     def mix_experts(
-        self, tokens: Tensor, expert_index: Tensor, gates: Tensor, slot_priority: bool = False
+        self,
+        tokens: Tensor,
+        expert_index: Tensor,
+        gates: Tensor,
+        slot_priority: bool = False,
+        mask: Tensor | None = None,
     ) -> tuple[Tensor, ExpertDispatch]:
         """Σ_slot gates · expert(token) for a given routing: dispatch, experts, combine.
 
         tokens: [T, D]; expert_index (global expert ids), gates: [T, K]; slot_priority: see
-        Routing. Returns ([T, D], what the dispatch did over the batch of all ranks).
+        Routing; mask: [T] bool, True for a real token (masked ones are never dispatched), or
+        None. Returns ([T, D], what the dispatch did over the batch of all ranks).
         """
         return parallel.mix_experts(
             tokens,
@@ -263,6 +284,7 @@ class MoELayer(nn.Module):
             self.config.capacity_factor,
             self.config.experts_per_token,
             slot_priority,
+            mask,
         )
 
 

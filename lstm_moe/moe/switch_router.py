@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .losses import assignment_counts, importance
 from .parallel import ParallelGroup
-from .routing import Router, Routing, check_top_k
+from .routing import Router, Routing, check_top_k, mask_slots
 
 if TYPE_CHECKING:
     from .layer import MoEConfig
@@ -74,6 +74,9 @@ class SwitchRouter(Router):
 
     Routing.importance is Σ_x of the gates as dispatched (Eq. 6 of 2017), Routing.load the
     number of pairs routed to each expert before capacity.
+    Masked (padding) tokens are routed nowhere and left out of f_i, P_i and the z-loss, whose
+    means are over the real tokens. The jitter is drawn for every row, padded ones included: a
+    padded batch gives its real tokens other jitter than the same tokens alone.
     """
 
     name = "switch"
@@ -131,7 +134,7 @@ class SwitchRouter(Router):
     def gating_ops_per_token(self) -> int:
         return self.d_model * self.n_experts  # W_r only (Eq. 1)
 
-    def route(self, x: Tensor, group: ParallelGroup) -> Routing:
+    def route(self, x: Tensor, group: ParallelGroup, mask: Tensor | None) -> Routing:
         """Returns a Routing with K = k slots per token."""
         n_experts = self.n_experts
         if self.training and self.jitter_eps > 0:
@@ -144,7 +147,13 @@ class SwitchRouter(Router):
         if self.k > 1 and self.renormalize:
             gates = top_probs / top_probs.sum(-1, keepdim=True)
         squared_lse = torch.logsumexp(logits, dim=-1).pow(2)  # [T], for the z-loss
-        n_tokens = probs.new_tensor([x.shape[0]])
+        if mask is None:
+            n_tokens = probs.new_tensor([x.shape[0]])
+        else:
+            expert_index, gates = mask_slots(expert_index, gates, mask)
+            probs = probs.masked_fill(~mask.unsqueeze(-1), 0.0)
+            squared_lse = squared_lse.masked_fill(~mask, 0.0)
+            n_tokens = mask.sum().to(probs.dtype).unsqueeze(0)  # real tokens
 
         # One reduction over ranks for every batch sum: [E] Σ p, [E] Σ gates, [E] pairs
         # routed, the Σ of squared logsumexp, and the token count.
