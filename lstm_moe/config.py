@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from lstm_moe.moe import MoEConfig
-from lstm_moe.moe.layer import ROUTERS
+from lstm_moe.moe.routers import ROUTERS
 
 LAYER_KINDS = ("lstm", "moe", "ffn")
 SOFTMAX_KINDS = ("full", "sampled")

@@ -72,16 +72,12 @@ class MoEBlock(nn.Module):
         return torch.sigmoid(result.output.movedim(-2, 0)), result  # [T, B, D]
 
     def ops_per_timestep(self) -> int:
-        """Multiply-adds per token: the experts each token uses plus the gating networks
-        (W_g and W_noise, Eq. 3-4; counted like this the totals match Table 7)."""
+        """Multiply-adds per token: the experts each token uses plus the router's gating
+        matrices (its gating_ops_per_token: W_g and W_noise for the 2017 noisy gates, Eq. 3-4,
+        counted like this the totals match Table 7; one matrix for batchwise and switch)."""
         cfg = self.moe.config
         expert = 2 * cfg.d_model * cfg.expert_hidden
-        if cfg.router == "hierarchical":
-            per_group = cfg.n_experts // cfg.n_groups
-            gating = 2 * cfg.d_model * cfg.n_groups + cfg.k_groups * 2 * cfg.d_model * per_group
-            return cfg.k_groups * cfg.k * expert + gating
-        gate_matrices = 1 if cfg.router == "batchwise" else 2
-        return cfg.k * expert + gate_matrices * cfg.d_model * cfg.n_experts
+        return cfg.experts_per_token * expert + self.moe.router.gating_ops_per_token()
 
 
 class FFNBlock(nn.Module):

@@ -1,8 +1,8 @@
 """The sparsely-gated Mixture-of-Experts layer (Shazeer et al. 2017).
 
-router (routing.py, hierarchical.py, batchwise.py) -> dispatcher (dispatch.py) ->
-batched experts (experts.py), with the experts sharded over ranks by parallel.py (one rank
-is the same code), assembled in layer.py.
+router (routing.py, hierarchical.py, batchwise.py, switch_router.py; by name through
+routers.ROUTERS) -> dispatcher (dispatch.py) -> batched experts (experts.py), with the experts
+sharded over ranks by parallel.py (one rank is the same code), assembled in layer.py.
 """
 
 from .batchwise import BatchwiseRouter
@@ -19,9 +19,12 @@ from .parallel import (
     shard_state_dict,
     share_capacity,
 )
-from .routing import NoisyTopKRouter, Routing, noisy_top_k_gating
+from .routers import ROUTERS, build_router
+from .routing import NoisyTopKRouter, Router, Routing, noisy_top_k_gating
+from .switch_router import SwitchRouter, load_balancing_loss
 
 __all__ = [
+    "ROUTERS",
     "BatchedExperts",
     "BatchwiseRouter",
     "DispatchPlan",
@@ -33,7 +36,10 @@ __all__ = [
     "MoEStats",
     "NoisyTopKRouter",
     "ParallelGroup",
+    "Router",
     "Routing",
+    "SwitchRouter",
+    "build_router",
     "combine_rows",
     "cv_squared",
     "expert_capacity",
@@ -41,6 +47,7 @@ __all__ = [
     "gather_rows",
     "gather_state_dict",
     "grouped_matmul",
+    "load_balancing_loss",
     "noisy_top_k_gating",
     "plan_dispatch",
     "prob_in_top_k",

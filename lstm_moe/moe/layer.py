@@ -8,33 +8,45 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import parallel
-from .batchwise import BatchwiseRouter
 from .experts import BatchedExperts
-from .hierarchical import HierarchicalRouter
 from .parallel import ExpertDispatch, ParallelGroup
-from .routing import NoisyTopKRouter, Routing
-
-ROUTERS = ("noisy_topk", "hierarchical", "batchwise")
+from .routers import ROUTERS, build_router
+from .routing import Router, Routing
 
 
 @dataclass(frozen=True)
 class MoEConfig:
-    """Everything that defines one MoE layer. Defaults are the paper's LM values (App. C.1).
+    """Everything that defines one MoE layer. Defaults are the paper's LM values (App. C.1);
+    each router's options default to that router's own defaults.
 
-    router: "noisy_topk" (§2.1), "hierarchical" (App. B) or "batchwise" (App. F).
+    router: a name in routers.ROUTERS: "noisy_topk" (§2.1), "hierarchical" (App. B),
+        "batchwise" (App. F) or "switch" (Fedus et al. 2021).
     k: experts per token; for "hierarchical", experts per token *within each chosen group*
         (the paper uses k_groups = 2 and k = 2, so 4 experts per token).
     n_groups: hierarchical only, the primary branching factor a; n_experts = a·b.
+    k_groups: hierarchical only, groups per token.
     capacity_factor: None for dropless, else each expert takes at most
-        ceil(capacity_factor · T · experts_per_token / E) tokens.
+        ceil(capacity_factor · T · experts_per_token / E) tokens, T the real (unmasked) tokens
+        of the batch of all ranks.
     w_importance, w_load: weights of CV²(Importance) and CV²(Load) (App. A): 0.1 for language
-        modelling, 0.01 for translation.
+        modelling, 0.01 for translation (the 2017 routers).
     w_threshold: batchwise only, weight of the threshold loss of App. F, Eq. 20.
-    noise_epsilon: added to Softplus(x·W_noise), as in the authors' code; 0 gives Eq. 4.
+    noise_epsilon: noisy_topk and hierarchical, added to Softplus(x·W_noise), as in the
+        authors' code; 0 gives Eq. 4.
+    batchwise_init_std: batchwise only, standard deviation of W_g's normal initialisation;
+        None for 1/sqrt(d_model).
+    w_balance: switch only, weight α of the load-balancing loss (Switch Eq. 4), 1e-2.
+    w_z: switch only, weight of the router z-loss (ST-MoE Eq. 5); 0 as in the Switch paper.
+    jitter_eps: switch only, the router's input is multiplied by U(1 - ε, 1 + ε) in training.
+    switch_init_scale: switch only, W_r's truncated normal has standard deviation
+        sqrt(switch_init_scale / d_model) (the reduced initialisation, Switch §2.4).
+    switch_renormalize: switch only, for k > 1 divide the k probabilities by their sum (GShard);
+        False uses them as they are (ST-MoE's code).
     expert_bias: give each expert's two layers a bias. Off by default: App. C.1 describes the
         expert as a ReLU hidden layer and an output layer, and the authors' code has no biases.
         (They also cost a per-row gather and a segment sum in the backward.)
@@ -52,6 +64,12 @@ class MoEConfig:
     w_load: float = 0.1
     w_threshold: float = 1.0
     noise_epsilon: float = 1e-2
+    batchwise_init_std: float | None = None
+    w_balance: float = 1e-2
+    w_z: float = 0.0
+    jitter_eps: float = 1e-2
+    switch_init_scale: float = 0.1
+    switch_renormalize: bool = True
     expert_bias: bool = False
 
     def __post_init__(self) -> None:
@@ -59,10 +77,22 @@ class MoEConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.router not in ROUTERS:
-            raise ValueError(f"router must be one of {ROUTERS}, got {self.router!r}")
+            raise ValueError(f"router must be one of {tuple(ROUTERS)}, got {self.router!r}")
         if self.capacity_factor is not None and self.capacity_factor <= 0:
             raise ValueError(
                 f"capacity_factor must be > 0 (or None for dropless), got {self.capacity_factor}"
+            )
+        for name in ("noise_epsilon", "w_balance", "w_z"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.jitter_eps < 1:
+            raise ValueError(f"jitter_eps must be in [0, 1), got {self.jitter_eps}")
+        if self.switch_init_scale <= 0:
+            raise ValueError(f"switch_init_scale must be > 0, got {self.switch_init_scale}")
+        if self.batchwise_init_std is not None and self.batchwise_init_std <= 0:
+            raise ValueError(
+                "batchwise_init_std must be > 0 (or None for 1/sqrt(d_model)), "
+                f"got {self.batchwise_init_std}"
             )
         if self.router == "hierarchical":
             if self.n_groups is None or self.n_groups < 1:
@@ -94,7 +124,8 @@ class MoEConfig:
 
 @dataclass
 class MoEStats:
-    """Routing statistics of one call, all detached, over the batch of all ranks.
+    """Routing statistics of one call, all detached, over the batch of all ranks (its real
+    tokens only, under a mask).
 
     tokens_per_expert: [E] rows each expert computed (after capacity).
     importance: [E] Σ_x G(x); load: [E] the router's Load (smooth estimate in training).
@@ -142,41 +173,16 @@ def _routing_stats(routing: Routing, rows: Tensor, routed: Tensor) -> MoEStats:
     )
 
 
-def build_router(config: MoEConfig) -> nn.Module:
-    """The router module that `config.router` names."""
-    balance = {"w_importance": config.w_importance, "w_load": config.w_load}
-    if config.router == "noisy_topk":
-        return NoisyTopKRouter(
-            config.d_model,
-            config.n_experts,
-            config.k,
-            noise_epsilon=config.noise_epsilon,
-            **balance,
-        )
-    if config.router == "hierarchical":
-        return HierarchicalRouter(
-            config.d_model,
-            config.n_groups,
-            config.n_experts // config.n_groups,
-            config.k_groups,
-            config.k,
-            noise_epsilon=config.noise_epsilon,
-            **balance,
-        )
-    return BatchwiseRouter(
-        config.d_model, config.n_experts, config.k, w_threshold=config.w_threshold, **balance
-    )
-
-
 class MoELayer(nn.Module):
     """y = Σ_i G(x)_i E_i(x) (Eq. 1), applied to every position of x[..., D] in one call.
 
     `MoELayer(d_model, n_experts, expert_hidden, k, router="noisy_topk", **options)` with the
-    options of MoEConfig, or `MoELayer.from_config(config)`. A router module may be passed
-    instead of a name; it must map (x[T, D], group=ParallelGroup | None) to a Routing over
-    n_experts, with its importance, load and losses over the batch of all ranks of the group;
-    k is then the router's experts per token (it sizes the capacity), and the config's other
-    routing fields do not apply. switch.SwitchRouter is such a module.
+    options of MoEConfig, or `MoELayer.from_config(config)`. A router module (an instance of a
+    class in routers.ROUTERS) may be passed instead of a name: its d_model and n_experts must
+    be the layer's, k is then the router's experts per token (it sizes the capacity), and
+    `layer.config` records the router's name and options (Router.config_fields), so that
+    `MoELayer.from_config(layer.config)` builds the same model; an option also passed here must
+    agree with the router's.
 
     process_group: expert parallelism over the ranks of a torch.distributed group (parallel.py):
     this rank holds experts [r·E/W, (r+1)·E/W) and routes its own tokens; every rank calls the
@@ -189,27 +195,20 @@ class MoELayer(nn.Module):
         n_experts: int,
         expert_hidden: int,
         k: int = 4,
-        router: str | nn.Module = "noisy_topk",
+        router: str | Router = "noisy_topk",
         *,
         process_group: dist.ProcessGroup | None = None,
         **options,
     ) -> None:
         super().__init__()
-        router_name = router if isinstance(router, str) else "noisy_topk"
-        self.config = MoEConfig(d_model, n_experts, expert_hidden, k, router_name, **options)
+        if isinstance(router, str):
+            self.config = MoEConfig(d_model, n_experts, expert_hidden, k, router, **options)
+            router = build_router(self.config)
+        else:
+            self.config = _config_of_router(router, d_model, n_experts, expert_hidden, k, options)
+        self.router = router
         self.group = ParallelGroup(process_group)
         first, last = self.group.expert_range(n_experts)
-        if isinstance(router, str):
-            self.router = build_router(self.config)
-        else:
-            expected = {"n_experts": n_experts, "experts_per_token": k}
-            for name, value in expected.items():
-                if getattr(router, name, value) != value:
-                    raise ValueError(
-                        f"the router's {name} ({getattr(router, name)}) must equal the layer's "
-                        f"({value})"
-                    )
-            self.router = router
         # This rank's experts only, drawn as one process draws them (BatchedExperts), so that
         # any number of ranks starts from the same model.
         self.experts = BatchedExperts(
@@ -235,27 +234,45 @@ class MoELayer(nn.Module):
             **options,
         )
 
-    def forward(self, x: Tensor) -> MoEOutput:
-        """x: [..., D] float. Returns MoEOutput with output [..., D]."""
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> MoEOutput:
+        """x: [..., D] float; mask: [...] bool (x's leading shape), True for a real token, or
+        None (every token real). A masked token is routed to no expert, its output is exactly
+        0, and it counts in no loss, capacity or statistic: a padded batch gives its real
+        tokens the results of those tokens alone (up to the routers' random draws, which
+        padded rows still take). Returns MoEOutput with output [..., D]."""
         d_model = self.config.d_model
         if x.shape[-1] != d_model:
             raise ValueError(f"input width (last dim) must be d_model={d_model}, got {x.shape[-1]}")
         tokens = x.reshape(-1, d_model)  # [T, D]
-        routing = self.router(tokens, group=self.group)
+        token_mask = None
+        if mask is not None:
+            if mask.dtype != torch.bool or mask.shape != x.shape[:-1]:
+                raise ValueError(
+                    f"mask must be bool of shape {tuple(x.shape[:-1])} (x's leading dims), "
+                    f"got {mask.dtype} {tuple(mask.shape)}"
+                )
+            token_mask = mask.reshape(-1)  # [T]
+        routing = self.router(tokens, group=self.group, mask=token_mask)
         output, dispatch = self.mix_experts(
-            tokens, routing.expert_index, routing.gates, routing.slot_priority
+            tokens, routing.expert_index, routing.gates, routing.slot_priority, token_mask
         )
         stats = _routing_stats(routing, dispatch.rows_per_expert, dispatch.routed_per_expert)
         output = output.view(*x.shape[:-1], d_model)
         return MoEOutput(output, routing.aux_loss, routing.losses, stats)
 
     def mix_experts(
-        self, tokens: Tensor, expert_index: Tensor, gates: Tensor, slot_priority: bool = False
+        self,
+        tokens: Tensor,
+        expert_index: Tensor,
+        gates: Tensor,
+        slot_priority: bool = False,
+        mask: Tensor | None = None,
     ) -> tuple[Tensor, ExpertDispatch]:
         """Σ_slot gates · expert(token) for a given routing: dispatch, experts, combine.
 
         tokens: [T, D]; expert_index (global expert ids), gates: [T, K]; slot_priority: see
-        Routing. Returns ([T, D], what the dispatch did over the batch of all ranks).
+        Routing; mask: [T] bool, True for a real token (masked ones are never dispatched), or
+        None. Returns ([T, D], what the dispatch did over the batch of all ranks).
         """
         return parallel.mix_experts(
             tokens,
@@ -267,4 +284,32 @@ class MoELayer(nn.Module):
             self.config.capacity_factor,
             self.config.experts_per_token,
             slot_priority,
+            mask,
         )
+
+
+def _config_of_router(
+    router: Router, d_model: int, n_experts: int, expert_hidden: int, k: int, options: dict
+) -> MoEConfig:
+    """The MoEConfig of a layer given a router module: the layer's sizes and options, and the
+    router's name and options (what from_config needs to build the same router)."""
+    if not isinstance(router, Router) or ROUTERS.get(router.name) is not type(router):
+        raise TypeError(
+            f"router must be a name in {tuple(ROUTERS)} or an instance of one of their classes, "
+            f"got {type(router).__name__}"
+        )
+    expected = {"d_model": d_model, "n_experts": n_experts, "experts_per_token": k}
+    for name, value in expected.items():
+        if getattr(router, name) != value:
+            raise ValueError(
+                f"the router's {name} ({getattr(router, name)}) must equal the layer's ({value})"
+            )
+    fields = router.config_fields()
+    for name, value in fields.items():
+        if name in options and options[name] != value:
+            raise ValueError(
+                f"the router's {name} ({value!r}) must equal the layer's ({options[name]!r})"
+            )
+    # fields hold the router's n_experts (checked above) and its k (for "hierarchical", k per
+    # chosen group, not the layer's experts per token).
+    return MoEConfig(d_model=d_model, expert_hidden=expert_hidden, **{**options, **fields})

@@ -7,7 +7,7 @@ Rank r of W holds the contiguous block of experts [r·L, (r+1)·L), L = E / W. O
 `mix_experts`:
 
 1. each rank counts its pairs per expert; one all-gather gives every rank the counts of every
-   rank, [W, E], and the number of tokens of the global batch;
+   rank, [W, E], and the number of (real, under a mask) tokens of the global batch;
 2. the capacity, computed from the global token count, is handed out to ranks in rank order
    (under slot priority: first choices of every rank, then second choices, ...), so the pairs
    kept are exactly those one process keeps on the concatenated batch
@@ -243,7 +243,7 @@ class ExpertDispatch:
     plan: this rank's kept pairs, sorted by expert (the rows it sent, in that order).
     rows_per_expert: [E] int64 rows each expert computed (after capacity).
     routed_per_expert: [E] int64 pairs routed to each expert (before capacity).
-    n_tokens: tokens in the global batch.
+    n_tokens: tokens in the global batch (real ones only, under a mask).
     """
 
     plan: DispatchPlan
@@ -308,6 +308,7 @@ def mix_experts(
     capacity_factor: float | None = None,
     experts_per_token: int = 1,
     slot_priority: bool = False,
+    mask: Tensor | None = None,
 ) -> tuple[Tensor, ExpertDispatch]:
     """Σ_slot gates · expert(token) (Eq. 1) for this rank's tokens, the experts spread over the
     ranks of `group` (see the module docstring for the steps).
@@ -317,12 +318,20 @@ def mix_experts(
     expert, rows_per_expert [L]) -> [M, D]. capacity_factor: None for dropless, else each
     expert takes at most expert_capacity(global tokens, experts_per_token, E, capacity_factor)
     rows. slot_priority: capacity goes to every token's first choice before any second choice
-    (plan_dispatch); K must then be the same on every rank. Returns ([T, D], ExpertDispatch).
-    Every rank of the group must call it together.
+    (plan_dispatch); K must then be the same on every rank. mask: [T] bool, True for a real
+    token, or None (all real): masked tokens are never dispatched, whatever expert_index says,
+    get output 0, and are not counted in the global token count that sizes the capacity.
+    Returns ([T, D], ExpertDispatch). Every rank of the group must call it together.
     """
     world, rank = group.world_size, group.rank
     first, last = group.expert_range(n_experts)
-    n_tokens = tokens.shape[0]
+    if mask is None:
+        n_tokens = tokens.shape[0]
+    else:
+        keep = mask.unsqueeze(-1)  # [T, 1]
+        expert_index = expert_index.masked_fill(~keep, -1)
+        gates = gates.masked_fill(~keep, 0.0)
+        n_tokens = int(mask.sum())  # real tokens
     # Counts per slot only where a capacity makes the slots' order matter.
     per_slot = slot_priority and capacity_factor is not None
     routed = _routed_counts(expert_index, n_experts, per_slot)  # [C, E]

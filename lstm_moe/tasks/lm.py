@@ -305,11 +305,12 @@ def evaluate(
         for index in windows:
             window = batches.window(index)
             inputs, targets = window.inputs.to(device), window.targets.to(device)
+            padded = not bool(window.mask.all())  # the last window only (read on the host)
             mask = window.mask.to(device)
             if window.first:
                 state = None
             with torch.autocast(device.type, autocast_dtype, enabled=autocast_dtype is not None):
-                out = model(inputs, state)
+                out = model(inputs, state, mask=mask if padded else None)
             state = detach_state(out.state)
             nll = model.nll(out.hidden, targets).view_as(targets)  # [T, B]
             nll_sum += float(nll[mask].double().sum())

@@ -158,3 +158,16 @@ def test_parameter_counts_are_the_whole_models_on_any_number_of_ranks():
     assert held < sum(p.numel() for p in whole.parameters())
     for count in ("params_excluding_embedding_softmax", "total_params"):
         assert getattr(sharded, count)() == getattr(whole, count)(), count
+
+
+def test_moe_ops_count_each_routers_gating_matrices():
+    """Per token: k experts of 2·D·H multiply-adds, plus W_g and W_noise for the noisy gate,
+    W_g alone for batchwise, W_r alone for switch."""
+    expert, gate = 2 * 8 * 8, 8 * 4
+    for router, k, gates in (
+        ("noisy_topk", 2, 2 * gate),
+        ("batchwise", 2, gate),
+        ("switch", 1, gate),
+    ):
+        block = LanguageModel(small_config(router=router, k=k)).blocks[1]
+        assert block.ops_per_timestep() == k * expert + gates, router

@@ -4,7 +4,9 @@ Over 2 and 4 gloo processes on CPU: outputs, the auxiliary loss, each loss, the 
 statistics and the gradients (of the input, of the router, and each rank's shard of the
 expert gradients) match a single-process MoELayer run on [rank 0's tokens; rank 1's; ...]
 with the same weights, for every router, dropless and with capacity, in training and
-evaluation mode, with uneven batches per rank. A hand-set routing sends no token to one
+evaluation mode, with uneven batches per rank. The same holds when every rank pads its tokens
+(padded rows among them, masked out): the real tokens get the unpadded one-process results,
+and the padded rows output 0 and get no gradient. A hand-set routing sends no token to one
 rank's experts and gives another rank no tokens at all. State dicts are sharded and gathered
 back exactly. One spawned run per world size checks every case (starting processes is slow).
 
@@ -15,10 +17,10 @@ router gradients are summed over ranks before they are compared (parallel.py, "G
 Noise: a rank draws noise for its own tokens only. In the workers torch.randn_like (noisy
 top-k) and torch.rand_like (the Switch router's input jitter) are replaced by functions
 returning rows of one tensor drawn for the global batch, so each rank's noise is the rows of
-the single-process noise that belong to its tokens. The hierarchical gate's secondary draw is
-over (token, group) pairs whose global order a rank does not know, so in training mode it is
-checked with zero noise: the smooth Load estimator of Eq. 9-10 and the gradients of W_noise
-still run, only the random perturbation is absent.
+the single-process noise that belong to its tokens (placed at the real rows of a padded batch).
+The hierarchical gate's secondary draw is over (token, group) pairs whose global order a rank
+does not know, so in training mode it is checked with zero noise: the smooth Load estimator of
+Eq. 9-10 and the gradients of W_noise still run, only the random perturbation is absent.
 """
 
 from __future__ import annotations
@@ -91,10 +93,11 @@ def make_layer(case: str, capacity_factor, process_group=None) -> MoELayer:
 
 
 @contextlib.contextmanager
-def noise_from(noise: torch.Tensor | None, first_row: int):
+def noise_from(noise: torch.Tensor | None, first_row: int, mask: torch.Tensor | None = None):
     """torch.randn_like (the 2017 gates' noise) and torch.rand_like (the Switch router's
     jitter) return rows [first_row, first_row + R) of `noise`; randn_like gives zeros and
-    rand_like one half (no jitter) if noise is None."""
+    rand_like one half (no jitter) if noise is None. With a mask ([T] bool, the real rows of a
+    padded batch), the R real rows get those rows and the padded ones the default."""
     originals = torch.randn_like, torch.rand_like
 
     def drawer(default: float):
@@ -102,7 +105,11 @@ def noise_from(noise: torch.Tensor | None, first_row: int):
             if noise is None:
                 return torch.full_like(like, default)
             assert like.shape[1] == noise.shape[1], (like.shape, noise.shape)
-            return noise[first_row : first_row + like.shape[0]].to(like.dtype)
+            if mask is None:
+                return noise[first_row : first_row + like.shape[0]].to(like.dtype)
+            out = torch.full_like(like, default)
+            out[mask] = noise[first_row : first_row + int(mask.sum())].to(like.dtype)
+            return out
 
         return draw
 
@@ -113,12 +120,12 @@ def noise_from(noise: torch.Tensor | None, first_row: int):
         torch.randn_like, torch.rand_like = originals
 
 
-def run_layer(layer, x, projection, aux_weight, noise, first_row):
+def run_layer(layer, x, projection, aux_weight, noise, first_row, mask=None):
     """Forward and backward of (output · projection).sum() + aux_weight · aux."""
     layer.zero_grad(set_to_none=True)
     x = x.detach().clone().requires_grad_(True)
-    with noise_from(noise, first_row):
-        result = layer(x)
+    with noise_from(noise, first_row, mask):
+        result = layer(x, mask=mask)
     ((result.output * projection).sum() + aux_weight * result.aux_loss).backward()
     return result, x.grad
 
@@ -151,6 +158,21 @@ def grad_or_zero(p: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(p) if p.grad is None else p.grad
 
 
+def padding_of(n_real: int) -> torch.Tensor:
+    """[T] bool for n_real tokens padded: a padded row first and after every second real one."""
+    mask = []
+    while sum(mask) < n_real:
+        mask += [False, True, True]
+    return torch.tensor(mask[: len(mask) - (sum(mask) - n_real)], dtype=torch.bool)
+
+
+def padded(rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """rows [R, D] at the real positions of mask [T]; large values at the padded ones."""
+    out = torch.full((mask.numel(), rows.shape[1]), 50.0)
+    out[mask] = rows
+    return out
+
+
 def check_layer_case(checks, case, capacity_factor, training, world, rank):
     group = ParallelGroup(dist.group.WORLD)
     split = SPLITS[world]
@@ -177,12 +199,31 @@ def check_layer_case(checks, case, capacity_factor, training, world, rank):
 
     want, want_x_grad = run_layer(single, x, projection, world, noise, 0)
     got, got_x_grad = run_layer(sharded, x[rows], projection[rows], 1.0, noise, first_row)
+    compare(checks, name, got, got_x_grad, want, want_x_grad[rows], sharded, single, rows, group)
+    if capacity_factor is not None and rank == 0 and not want.stats.fraction_dropped > 0:
+        checks.failures.append(f"{name}: the capacity dropped nothing, the case is too easy")
 
+    # Each rank's tokens padded: the real ones get the unpadded one-process results.
+    mask = padding_of(split[rank])
+    x_padded, projection_padded = padded(x[rows], mask), padded(projection[rows], mask)
+    got, got_x_grad = run_layer(sharded, x_padded, projection_padded, 1.0, noise, first_row, mask)
+    name = f"{name}, padded"
+    zeros = torch.zeros(int((~mask).sum()), D)
+    checks.close(f"{name}: padded output", got.output[~mask], zeros, exact=True)
+    checks.close(f"{name}: padded input gradient", got_x_grad[~mask], zeros, exact=True)
+    got.output = got.output[mask]
+    compare(
+        checks, name, got, got_x_grad[mask], want, want_x_grad[rows], sharded, single, rows, group
+    )
+
+
+def compare(checks, name, got, got_x_grad, want, want_x_grad, sharded, single, rows, group):
+    """This rank's results (got) against the one-process run (want) on the global batch."""
     checks.close(f"{name}: output", got.output, want.output[rows])
-    checks.close(f"{name}: input gradient", got_x_grad, want_x_grad[rows])
+    checks.close(f"{name}: input gradient", got_x_grad, want_x_grad)
     checks.close(f"{name}: aux_loss", got.aux_loss, want.aux_loss)
     if got.losses.keys() != want.losses.keys():
-        checks.failures.append(f"rank {rank}, {name}: losses {got.losses.keys()}")
+        checks.failures.append(f"rank {checks.rank}, {name}: losses {got.losses.keys()}")
     for loss in want.losses:
         checks.close(f"{name}: loss {loss}", got.losses[loss], want.losses[loss])
     for stat in ("importance", "load", "cv_importance", "cv_load", "max_over_mean_load"):
@@ -207,8 +248,6 @@ def check_layer_case(checks, case, capacity_factor, training, world, rank):
             checks.close(f"{name}: grad {key}", grad_or_zero(p), want_grad[first:last])
         else:
             checks.close(f"{name}: grad {key} summed over ranks", summed_grad(p), want_grad)
-    if capacity_factor is not None and rank == 0 and not want.stats.fraction_dropped > 0:
-        checks.failures.append(f"{name}: the capacity dropped nothing, the case is too easy")
 
 
 def check_hand_set_routing(checks, capacity_factor, world, rank):
