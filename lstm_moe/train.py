@@ -66,13 +66,15 @@ def split_by_config(task_cls, overrides: dict[str, str]) -> dict[str, dict[str, 
         name = key.replace("-", "_")
         owner = next((o for o, names in owners.items() if name in names), None)
         if owner is None:
-            everything = set().union(*owners.values())
-            near = nearest_names(name, everything)
-            hint = f"did you mean {', '.join('--' + n for n in near)}? " if near else ""
-            raise ValueError(
-                f"unknown option --{key}; {hint}(`python -m lstm_moe.train --help` lists the "
-                "model, task and training fields)"
-            )
+            near = nearest_names(name, set().union(*owners.values()))
+            if near:
+                hint = f"did you mean {', '.join('--' + n for n in near)}?"
+            else:
+                hint = "; ".join(
+                    f"{what} fields: {', '.join(sorted(owners[o]))}"
+                    for o, what in (("model", "model"), ("task", "task"), ("train", "training"))
+                )
+            raise ValueError(f"unknown option --{key}; {hint} (--help says what each is)")
         split[owner][name] = value
     return split
 

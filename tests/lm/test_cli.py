@@ -89,6 +89,9 @@ def test_a_misspelt_field_gets_the_nearest_name(tiny_dataset, tmp_path, capsys):
     assert train(tiny_dataset, tmp_path / "run", "--max_steps=1", "--n_expert=8") == 2
     line = one_error_line(capsys)
     assert "--n_expert" in line and "did you mean --n_experts" in line
+    assert train(tiny_dataset, tmp_path / "run", "--max_steps=1", "--zzz=8") == 2
+    line = one_error_line(capsys)  # nothing near: every field, the model's included
+    assert "model fields: " in line and "n_experts" in line and "training fields: " in line
 
 
 def test_help_lists_types_defaults_choices_and_what_resume_may_change(capsys):
