@@ -95,6 +95,14 @@ class LaneBatches:
             first=index == 0,
         )
 
+    def has_padding(self, index: int) -> bool:
+        """Whether window `index` holds padding in any lane of the whole layout (not only
+        this rank's lanes): the same answer on every rank. Padding is the end of the stream,
+        so the window's last step of the last lane is the latest position it holds."""
+        start = index * self.bptt
+        steps = min(self.bptt, self.lane_length - start)
+        return (self.batch_size - 1) * self.lane_length + start + steps - 1 >= self.n_targets
+
     def __iter__(self):
         for index in range(self.n_windows):
             yield self.window(index)

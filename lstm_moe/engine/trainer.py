@@ -1,6 +1,7 @@
 """The task-agnostic trainer: budgets, schedule, gradient accumulation, logging, validation
 cadence, atomic checkpoints, exact resume, and data + expert parallelism over the ranks of a
-ParallelGroup (lstm_moe.engine.ranks).
+ParallelGroup (lstm_moe.moe.parallel; lstm_moe.engine.ranks joins torchrun's ranks and
+reduces the gradients).
 
 Optimisation follows App. C.1: Adam; the learning rate rises linearly for `warmup_steps` and
 then falls ∝ 1/√step; the weighted balancing losses are added to the loss. A step runs its
@@ -85,6 +86,30 @@ class LogWindow:
         loss_sum = loss_sum.detach().double()
         self.loss_sum = loss_sum if self.loss_sum is None else self.loss_sum + loss_sum
 
+    def state_dict(self, group: ParallelGroup) -> dict:
+        """The interval so far, for a checkpoint taken inside it (a run that stops off the
+        log grid): its sums, on the CPU, and the summed loss of all ranks. Every rank calls
+        it together."""
+        loss = None
+        if self.loss_sum is not None:
+            loss = float(group.sum(self.loss_sum.reshape(1))[0])
+        return {
+            "sums": {name: value.cpu() for name, value in self.sums.items()},
+            "counts": dict(self.counts),
+            "loss_sum": loss,
+            "targets": self.targets,
+        }
+
+    def load_state_dict(self, state: dict, device: torch.device, is_main: bool) -> None:
+        """Continue a saved interval; the summed loss of all ranks goes to rank 0 (read sums
+        over ranks)."""
+        self.sums = {name: value.to(device) for name, value in state["sums"].items()}
+        self.counts = dict(state["counts"])
+        self.targets = state["targets"]
+        if state["loss_sum"] is not None:
+            value = state["loss_sum"] if is_main else 0.0
+            self.loss_sum = torch.tensor(value, dtype=torch.float64, device=device)
+
     def read(self, group: ParallelGroup) -> dict[str, float]:
         """Means over the interval: the loss per real target of all ranks, each statistic
         over the micro-batches (steps for the gradient norm)."""
@@ -133,6 +158,7 @@ class Trainer:
         self.step = 0
         self.tokens = 0
         self.elapsed = 0.0
+        self.window = LogWindow()  # the log interval under way
 
     # ------------------------------------------------------------------ files
 
@@ -177,6 +203,7 @@ class Trainer:
             "tokens": self.tokens,
             "elapsed": self.elapsed,
             "expert_tensors": sorted(self.expert_names),
+            "log_window": self.window.state_dict(group),
         }
         if group.world_size == 1:
             save_checkpoint(self.checkpoint_path, payload)
@@ -264,6 +291,8 @@ class Trainer:
             torch.manual_seed(rank_seed(self.config.seed + ckpt["step"], rank))
         self.task.load_state_dict(ckpt["task_state"])
         self.step, self.tokens, self.elapsed = ckpt["step"], ckpt["tokens"], ckpt["elapsed"]
+        if ckpt.get("log_window"):
+            self.window.load_state_dict(ckpt["log_window"], self.device, group.is_main)
         self._check_ranks_resumed_alike()
         self._truncate_metrics(self.step)
 
@@ -279,17 +308,23 @@ class Trainer:
             )
 
     def _truncate_metrics(self, step: int) -> None:
-        """Drop metrics logged after the checkpoint, so a resumed log has no duplicates."""
+        """Drop metrics logged after the checkpoint, so a resumed log has no duplicates, and
+        the entries a run that stopped off the grid wrote at its last step (a partial log
+        interval, restored from the checkpoint and logged whole later; a validation at a
+        step an uninterrupted run does not validate at): the resumed log is the log of an
+        uninterrupted run."""
         path = self.run_dir / "metrics.jsonl"
         if not self.group.is_main or not path.exists():
             return
+        every = {"train": self.config.log_every, "valid": self.config.eval_every}
         kept = []
         for line in path.read_text().splitlines():
             try:
                 entry = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut short by a kill
-            if entry.get("step", 0) <= step:
+            at = entry.get("step", 0)
+            if at < step or (at == step and at % every.get(entry.get("kind"), 1) == 0):
                 kept.append(line)
         write_text_atomic(path, "".join(line + "\n" for line in kept))
 
@@ -394,7 +429,7 @@ class Trainer:
             return {}
         self.write_config()
         last_valid: dict = {}
-        window = LogWindow()
+        self.window.start = time.perf_counter()
         bar = tqdm(
             total=self.total_steps(),
             initial=self.step,
@@ -406,19 +441,21 @@ class Trainer:
         try:
             while not self.budget_reached():
                 step_start = time.perf_counter()
-                self.train_step(window)
+                self.train_step(self.window)
                 self.elapsed += time.perf_counter() - step_start
                 if self.config.max_seconds is not None:
                     self.elapsed = self.group.broadcast_float(self.elapsed)  # all stop together
-                if self.step % self.config.log_every == 0 or self.budget_reached():
-                    self._log_window(window, bar)
-                    window = LogWindow()
+                on_grid = self.step % self.config.log_every == 0
+                if on_grid or self.budget_reached():
+                    self._log_window(self.window, bar)
+                    if on_grid:  # off the grid (the last step) it is saved and continued
+                        self.window = LogWindow()
                 if self.step % self.config.eval_every == 0:
                     last_valid = self.validate() or last_valid
-                    window.start = time.perf_counter()  # tokens/s counts training only
+                    self.window.start = time.perf_counter()  # tokens/s counts training only
                 if self.step % self.config.checkpoint_every == 0:
                     self.save()
-                    window.start = time.perf_counter()
+                    self.window.start = time.perf_counter()
                 bar.update(1)
         finally:
             bar.close()

@@ -3,10 +3,10 @@ paper's LSTM-MoE language model on a binarized token stream (data_prep), its lan
 across windows (truncated backpropagation through time), and per-word perplexity.
 
 The batch of a step is `batch_size` lanes × `bptt` steps of one token stream
-(lstm_moe.data.LaneBatches). On W ranks with M micro-batches, rank r holds the contiguous
-block of lanes [r·B/W, (r+1)·B/W) and its micro-batch m the m-th sub-block of that, each
-carrying its own LSTM state, so the lanes of a step (and their states) are those of one process
-with one batch, in the same order. The MoE layers take their tokens lane by lane, so with a
+(lstm_moe.data.LaneBatches). With M micro-batches, micro-batch m is lanes [m·B/M, (m+1)·B/M);
+on W ranks each is cut into W contiguous blocks in rank order, each carrying its own LSTM
+state. Every MoE call (one micro-batch, all ranks) thus routes the lanes one process routes
+in that micro-batch, in the same order. The MoE layers take their tokens lane by lane, so with a
 capacity W ranks keep exactly the tokens one process keeps (lstm_moe.lm.MoEBlock).
 
 The sampled softmax's candidates are drawn per step from a generator keyed by the seed and
@@ -135,9 +135,11 @@ class LanguageModelTask:
         self.states: list[list | None] = [None] * micro_batches  # LSTM state per micro-batch
 
     def _lanes(self, batch_size: int, micro: int = 0, micro_batches: int = 1) -> tuple[int, int]:
-        """This rank's lanes of a batch_size-lane layout, or of one of its micro-batches."""
+        """This rank's lanes of micro-batch `micro` of a batch_size-lane layout: micro-batch m
+        is lanes [m·B/M, (m+1)·B/M), cut over the ranks in rank order, so each MoE call (one
+        micro-batch on every rank) routes the tokens one process routes in its micro-batch m."""
         share = batch_size // (self.group.world_size * micro_batches)
-        first = (self.group.rank * micro_batches + micro) * share
+        first = (micro * self.group.world_size + self.group.rank) * share
         return first, first + share
 
     # ------------------------------------------------------------------ the engine's interface
@@ -195,27 +197,30 @@ class LanguageModelTask:
         return entry
 
     def state_dict(self) -> dict:
-        """The LSTM state of all lanes, [1, B, D] per tensor, gathered in lane order (ranks,
-        then micro-batches), or None before the first step."""
+        """The LSTM state of all lanes, [1, B, D] per tensor, gathered in lane order
+        (micro-batches, then ranks: _lanes), or None before the first step."""
         if any(state is None for state in self.states):
             return {"lstm_state": None}
         layers = []
         for layer in range(len(self.states[0])):
             tensors = []
             for i in range(2):  # h, c
-                mine = torch.cat([state[layer][i] for state in self.states], dim=1)
-                everyone = self.group.gather(mine)  # [W, 1, B/W, D]
-                tensors.append(torch.cat(list(everyone), dim=1))  # [1, B, D]
+                blocks = []
+                for state in self.states:  # [1, B/(W·M), D] per micro-batch
+                    everyone = self.group.gather(state[layer][i])  # [W, 1, B/(W·M), D]
+                    blocks.extend(everyone)
+                tensors.append(torch.cat(blocks, dim=1))  # [1, B, D]
             layers.append(tensors)
         return {"lstm_state": layers}
 
     def load_state_dict(self, state: dict) -> None:
+        """This rank's lanes of a saved state, at any number of ranks and micro-batches."""
         full = state["lstm_state"]
-        if not full:
-            self.states = [None] * self.micro_batches
-            return
         self.states = []
         for micro in range(self.micro_batches):
+            if not full:
+                self.states.append(None)
+                continue
             first, last = self._lanes(self.config.batch_size, micro, self.micro_batches)
             self.states.append(
                 [(h[:, first:last].clone(), c[:, first:last].clone()) for h, c in full]
@@ -305,7 +310,9 @@ def evaluate(
         for index in windows:
             window = batches.window(index)
             inputs, targets = window.inputs.to(device), window.targets.to(device)
-            padded = not bool(window.mask.all())  # the last window only (read on the host)
+            # Decided from the layout, so every rank passes a mask or none alike (a router
+            # that counts the batch's tokens then counts the same batch on every rank).
+            padded = batches.has_padding(index)
             mask = window.mask.to(device)
             if window.first:
                 state = None

@@ -121,7 +121,9 @@ class CopyTask:
     def train_batch(self, step, micro, micro_batches):
         tokens, mask = self.global_batch(step)
         share = self.config.batch_size // (self.group.world_size * micro_batches)
-        first = (self.group.rank * micro_batches + micro) * share
+        first = (
+            micro * self.group.world_size + self.group.rank
+        ) * share  # as the LM lays lanes out
         return tokens[first : first + share], mask[first : first + share]
 
     def count_targets(self, batch) -> int:

@@ -38,6 +38,7 @@ MODELS = {
     "plain": CopyModelConfig(),
     "no_balance": CopyModelConfig(**NO_BALANCE),
     "glu": CopyModelConfig(glu=True),
+    "capacity": CopyModelConfig(capacity_factor=0.75),  # drops tokens; balancing on
 }
 
 
@@ -45,17 +46,18 @@ def no_noise():
     return mock.patch.object(torch, "randn_like", lambda like, **_: torch.zeros_like(like))
 
 
-def trainer(run: Path, model: str, steps: int, micro: int = 1, group=None) -> Trainer:
+def trainer(run: Path, model: str, steps: int, micro: int = 1, group=None, **config) -> Trainer:
     task = CopyTask(MODELS[model], CopyTaskConfig(), run, group, micro_batches=micro)
-    config = TrainConfig(
-        lr=0.02, warmup_steps=5, max_steps=steps, micro_batches=micro, log_every=1,
-        checkpoint_every=5, eval_every=5,
-    )  # fmt: skip
+    config = TrainConfig(**{
+        "lr": 0.02, "warmup_steps": 5, "max_steps": steps, "micro_batches": micro,
+        "log_every": 1, "checkpoint_every": 5, "eval_every": 5, **config,
+    })  # fmt: skip
     return Trainer(run, task, config, group)
 
 
-def train(run: Path, model: str, steps: int, micro: int = 1, resume: bool = False, group=None):
-    t = trainer(run, model, steps, micro, group)
+def train(run: Path, model: str, steps: int, micro: int = 1, resume: bool = False, group=None,
+          **config):  # fmt: skip
+    t = trainer(run, model, steps, micro, group, **config)
     t.restore() if resume else t.start_fresh()
     t.fit(progress=False)
     return t
@@ -90,6 +92,19 @@ def test_the_copy_task_learns_and_resumes_exactly(tmp_path):
     assert_same(tmp_path / "split", tmp_path / "whole", ("loss", "aux_loss", "load"), exact=True)
     assert split.task.state_dict() == whole.task.state_dict()  # the task's own state resumed
     assert split.tokens == whole.tokens == whole.task.targets_seen
+
+
+def test_a_run_stopped_off_the_log_grid_resumes_to_the_uninterrupted_log(tmp_path):
+    """Stopped at step 7 (log every 5, validate every 5): its partial log interval is saved
+    and continued, and the entries written at step 7 give way to those of steps 10 and 20."""
+    cadence = {"log_every": 5, "checkpoint_every": 10, "eval_every": 5}
+    with no_noise():
+        train(tmp_path / "whole", "plain", 20, **cadence)
+        train(tmp_path / "split", "plain", 7, **cadence)
+        assert 7 in metrics(tmp_path / "split") and 7 in metrics(tmp_path / "split", "valid")
+        train(tmp_path / "split", "plain", 20, resume=True, **cadence)
+    assert sorted(metrics(tmp_path / "split")) == [5, 10, 15, 20]
+    assert_same(tmp_path / "split", tmp_path / "whole", ("loss", "aux_loss", "load"), exact=True)
 
 
 def test_the_task_refuses_to_resume_on_other_data(tmp_path):
@@ -127,6 +142,7 @@ JOBS = (  # name, model, steps, micro-batches, resumed from
     ("two", "plain", 10, 1, None),
     ("two_micro", "no_balance", 10, 2, None),
     ("two_glu", "glu", 10, 1, None),
+    ("two_micro_capacity", "capacity", 10, 2, None),
     ("one_then_two", "plain", 10, 1, "one_at_5"),
 )
 
@@ -152,6 +168,7 @@ def runs(tmp_path_factory):
         train(root / "one", "plain", 10)
         train(root / "one_at_5", "plain", 5)
         train(root / "one_glu", "glu", 10)
+        train(root / "one_micro_capacity", "capacity", 10, micro=2)
     shutil.copytree(root / "one_at_5", root / "one_then_two")
     mp.spawn(worker, args=(2, free_port(), str(root)), nprocs=2, join=True)
     return root
@@ -172,6 +189,16 @@ def test_two_ranks_accumulating_micro_batches_equal_one_process(runs, tmp_path):
     with no_noise():
         train(tmp_path / "one", "no_balance", 10)
     assert_same(runs / "two_micro", tmp_path / "one")
+
+
+@pytest.mark.distributed
+def test_each_micro_batch_routes_one_process_micro_batch_over_the_ranks(runs):
+    """With balancing losses and a capacity, what a micro-batch routes matters: on 2 ranks each
+    of the 2 micro-batches holds the lanes one process's micro-batch holds, so the balancing
+    losses and the tokens kept are the same."""
+    keys = ("loss", "aux_loss", "importance", "load", "fraction_dropped", "grad_norm")
+    assert_same(runs / "two_micro_capacity", runs / "one_micro_capacity", keys)
+    assert min(e["fraction_dropped"] for e in metrics(runs / "one_micro_capacity").values()) > 0
 
 
 @pytest.mark.distributed

@@ -61,6 +61,7 @@ def new_run(data: Path, run: Path, max_steps: int, *extra: str) -> list[str]:
 
 CAPACITY = "--capacity_factor=0.5"  # drops tokens: the kept ones must be one process's
 SAMPLED = ("--softmax=sampled", "--n_samples=16")  # 16 candidates of a 43-word vocabulary
+MICRO = "--micro_batches=2"
 
 
 def resume(run: Path, max_steps: int) -> list[str]:
@@ -99,14 +100,17 @@ def runs(tiny_dataset, tmp_path_factory):
     ranks, 10 steps. one_then_two: one_at_10 resumed on 2 ranks to 20. two_then_one: two
     resumed by 1 process to 20. four_then_two: four resumed on 2 ranks to 20. capacity_one,
     capacity_two: 1 process and 2 ranks, 10 steps with a capacity factor; sampled_one,
-    sampled_two: the same with the sampled softmax."""
+    sampled_two: the same with the sampled softmax; micro_one, micro_two: with a capacity
+    factor and 2 micro-batches."""
     root = tmp_path_factory.mktemp("distributed")
     names = ("one", "one_at_10", "two", "one_then_two", "two_then_one", "four", "four_then_two")
-    extra = ("capacity_one", "capacity_two", "sampled_one", "sampled_two")
+    extra = ("capacity_one", "capacity_two", "sampled_one", "sampled_two", "micro_one",
+             "micro_two")  # fmt: skip
     paths = {name: root / name for name in (*names, *extra)}
     with no_noise():
         assert train_main(new_run(tiny_dataset, paths["capacity_one"], 10, CAPACITY)) == 0
         assert train_main(new_run(tiny_dataset, paths["sampled_one"], 10, *SAMPLED)) == 0
+        assert train_main(new_run(tiny_dataset, paths["micro_one"], 10, CAPACITY, MICRO)) == 0
         assert train_main(new_run(tiny_dataset, paths["one"], 10)) == 0
         shutil.copytree(paths["one"], paths["one_then_two"])
         shutil.copytree(paths["one"], paths["one_at_10"])
@@ -120,6 +124,7 @@ def runs(tiny_dataset, tmp_path_factory):
         resume(paths["four_then_two"], 20),
         new_run(tiny_dataset, paths["capacity_two"], 10, CAPACITY),
         new_run(tiny_dataset, paths["sampled_two"], 10, *SAMPLED),
+        new_run(tiny_dataset, paths["micro_two"], 10, CAPACITY, MICRO),
     ]
     mp.spawn(worker, args=(2, free_port(), jobs), nprocs=2, join=True)
     shutil.copytree(paths["two"], paths["two_then_one"])
@@ -153,6 +158,14 @@ def test_two_and_four_ranks_train_like_one_process(runs):
 def test_with_a_capacity_two_ranks_keep_the_tokens_one_process_keeps(runs):
     assert_same_metrics(runs["capacity_two"], runs["capacity_one"], range(1, 11))
     assert min(e["fraction_dropped"] for e in read_metrics(runs["capacity_one"])) > 0
+
+
+@pytest.mark.distributed
+def test_two_ranks_of_two_micro_batches_keep_what_one_process_of_two_keeps(runs):
+    """Each micro-batch is one MoE call over the ranks: with a capacity, 2 ranks keep the
+    tokens one process keeps in each of its 2 micro-batches, and carry the same LSTM state."""
+    assert_same_metrics(runs["micro_two"], runs["micro_one"], range(1, 11))
+    assert min(e["fraction_dropped"] for e in read_metrics(runs["micro_one"])) > 0
 
 
 @pytest.mark.distributed

@@ -171,3 +171,18 @@ def test_moe_ops_count_each_routers_gating_matrices():
     ):
         block = LanguageModel(small_config(router=router, k=k)).blocks[1]
         assert block.ops_per_timestep() == k * expert + gates, router
+
+
+@pytest.mark.parametrize("n_tokens,batch,bptt", [(23, 4, 3), (24, 4, 6), (61, 4, 5), (7, 2, 10)])
+def test_a_window_has_padding_exactly_when_a_lane_of_the_layout_is_padded(n_tokens, batch, bptt):
+    ids = np.arange(10, 10 + n_tokens, dtype=np.uint16)
+    full = LaneBatches(ids, batch, bptt, eos_id=1, keep_remainder=True)
+    last_lane = LaneBatches(ids, batch, bptt, eos_id=1, keep_remainder=True,
+                            lanes=(batch - 1, batch))  # fmt: skip
+    first_lane = LaneBatches(ids, batch, bptt, eos_id=1, keep_remainder=True, lanes=(0, 1))
+    for index in range(len(full)):
+        padded = not bool(full.window(index).mask.all())
+        assert full.has_padding(index) == padded
+        # A rank holding only unpadded lanes gets the same answer.
+        assert first_lane.has_padding(index) == last_lane.has_padding(index) == padded
+    assert any(full.has_padding(i) for i in range(len(full))) == (n_tokens % batch != 0)
