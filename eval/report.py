@@ -89,7 +89,7 @@ def check_comparable(rows: list[dict]) -> None:
 def _describe_moe(model: dict) -> str:
     if "moe" not in model["layers"]:
         return "-"
-    model = model.get("moe", model)  # the MoE layer's config (flat in runs saved before)
+    model = model["moe"]  # the MoE layer's config
     text = f"{model['n_experts']} experts × {model['expert_hidden']}, k={model['k']}"
     if model["router"] == "hierarchical":
         text = (

@@ -149,16 +149,9 @@ def config_to_dict(config) -> dict:
 
 def config_from_dict(cls, data: dict):
     """Rebuild a config saved with config_to_dict (lists become tuples again, nested configs
-    their dataclass). A nested config's fields found flat (as LMConfig saved them before it
-    nested MoEConfig) are moved into it."""
+    their dataclass)."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    data = dict(data)
-    for name, holder in _nested_fields(cls).items():
-        if name in data:
-            data.setdefault(holder, {})
-            if isinstance(data[holder], dict):
-                data[holder] = {**data[holder], name: data.pop(name)}
     unknown = set(data) - names
     if unknown:
         raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}")
@@ -166,8 +159,6 @@ def config_from_dict(cls, data: dict):
     for key, value in data.items():
         hint = hints[key]
         if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-            if "d_model" in names and "d_model" in {f.name for f in dataclasses.fields(hint)}:
-                value = {"d_model": data.get("d_model", 512), **value}
             value = config_from_dict(hint, value)
         elif typing.get_origin(hint) is tuple and value is not None:
             value = tuple(value)

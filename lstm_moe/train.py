@@ -156,6 +156,7 @@ def _resume(args: argparse.Namespace, overrides: dict[str, str]) -> Trainer:
         model_config = config_from_dict(task_cls.model_config_class, saved["model"])
         task_config = config_from_dict(task_cls.config_class, saved["task_config"])
         train_config = config_from_dict(TrainConfig, saved["train"])
+        data_dir = args.data or task_cls.data_dir_of(saved)
     except (KeyError, TypeError) as error:
         raise ValueError(f"{config_path} is not a run's config (no {error})") from None
     changed = changed_fields(model_config, apply_overrides(model_config, split["model"]))
@@ -166,7 +167,6 @@ def _resume(args: argparse.Namespace, overrides: dict[str, str]) -> Trainer:
         )
     task_config = apply_overrides(task_config, split["task"])
     train_config = apply_overrides(train_config, split["train"])
-    data_dir = args.data or Path(saved["data"]["path"])
     return _start(
         task_cls,
         run_dir,
@@ -272,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     group.close()
     if last:
         summary = ", ".join(
-            f"{k} {v:.4g}" for k, v in last.items() if k.startswith("valid_") and "ppl" in k
+            f"{k} {v:.4g}"
+            for k, v in last.items()
+            if k.startswith("valid_") and k != "valid_tokens"
         )
         group.print(f"{summary} after {trainer.tokens} tokens", file=sys.stderr)
     group.print(f"wrote {args.run}")

@@ -76,7 +76,12 @@ def load_checkpoint(path: Path, map_location="cpu", required: tuple[str, ...] = 
         )
     missing = [key for key in required if key not in payload]
     if missing:
-        raise ValueError(f"{path} is not a complete checkpoint: it has no {', '.join(missing)}")
+        earlier = ""
+        if "task" in missing and "model_config" in payload:
+            earlier = " (it was written by a version of moe-repro before the task engine)"
+        raise ValueError(
+            f"{path} is not a complete checkpoint: it has no {', '.join(missing)}{earlier}"
+        )
     return payload
 
 

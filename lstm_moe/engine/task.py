@@ -8,6 +8,7 @@ builds its model; the model knows neither how it is trained nor how it is evalua
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -47,9 +48,35 @@ class Task(Protocol):
     """
 
     name: ClassVar[str]
+    model_config_class: ClassVar[type]
+    config_class: ClassVar[type]
     resumable_fields: ClassVar[frozenset[str]]
     config: Any
     model_config: Any
+
+    def __init__(
+        self,
+        model_config: Any,
+        config: Any,
+        data_dir: Path,
+        group: ParallelGroup | None = None,
+        micro_batches: int = 1,
+        seed: int = 1,
+    ) -> None:
+        """micro_batches: how many the engine splits each step into; seed: the run's (for
+        draws the task keys itself, such as the LM's sampled-softmax candidates)."""
+
+    @staticmethod
+    def presets() -> dict[str, Any]:
+        """Named model configs (`--preset`)."""
+
+    @staticmethod
+    def dataset_overrides(data_dir: Path) -> dict:
+        """Model fields a new run takes from its dataset (a vocabulary size)."""
+
+    @staticmethod
+    def data_dir_of(record: dict) -> Path:
+        """The dataset folder a run trained on, from the record() saved in its config.json."""
 
     def build_model(self) -> nn.Module:
         """The model, drawn from the current random state (the engine seeds it), with this

@@ -269,6 +269,10 @@ class LanguageModelTask:
         return PRESETS
 
     @staticmethod
+    def data_dir_of(record: dict) -> Path:
+        return Path(record["data"]["path"])
+
+    @staticmethod
     def dataset_overrides(data_dir: Path) -> dict:
         """Model fields a new run takes from its dataset: the vocabulary size."""
         return {"vocab_size": read_meta(data_dir)["vocab"]["size"]}

@@ -164,6 +164,18 @@ class CopyTask:
         if saved_record["data"]["version"] != self.data_version:
             raise ValueError(f"{source} was trained on other data")
 
+    @staticmethod
+    def presets():
+        return {}
+
+    @staticmethod
+    def dataset_overrides(data_dir):
+        return {}
+
+    @staticmethod
+    def data_dir_of(record):
+        return Path(".")
+
     def loss_metrics(self, loss):
         return {"ppl": math.exp(min(loss, 50.0))}
 

@@ -128,12 +128,28 @@ def test_micro_batches_make_the_update_of_one_larger_batch(tmp_path, micro):
     ]
 
 
-def test_the_loss_is_normalised_by_every_real_target(tmp_path):
-    """The logged loss is Σ nll / Σ real targets of the step, not a mean of means."""
+def test_the_loss_is_every_real_targets_nll_over_their_count(tmp_path):
+    """Two micro-batches with different numbers of real targets: the loss logged for step 11
+    is Σ nll / Σ real targets of its whole batch under the model of step 10 (not the mean of
+    the micro-batches' means, nor a mean over padded positions)."""
+    run = tmp_path / "run"
     with no_noise():
-        t = train(tmp_path / "run", "plain", 1)
-    _, mask = t.task.global_batch(0)
-    assert metrics(tmp_path / "run")[1]["tokens"] == int(mask.sum()) < mask.numel()
+        t = train(run, "plain", 10, micro=2)
+        model = t.task.build_model()
+        model.load_state_dict(load_run_checkpoint(run)["model"])
+        tokens, mask = t.task.global_batch(10)  # step 11's batch
+        with torch.no_grad():
+            logits, _ = model.train()(tokens, mask)
+        train(run, "plain", 11, micro=2, resume=True)
+    nll = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), tokens.flatten(), reduction="none"
+    ).view_as(mask)  # [B, L]
+    want = float((nll * mask).sum() / mask.sum())
+    halves = [float((nll[r] * mask[r]).sum() / mask[r].sum()) for r in (slice(0, 4), slice(4, 8))]
+    assert int(mask[:4].sum()) != int(mask[4:].sum())
+    assert abs(sum(halves) / 2 - want) > 1e-3  # a mean of means would be told apart
+    assert metrics(run)[11]["loss"] == pytest.approx(want, rel=1e-5)
+    assert metrics(run)[11]["tokens"] - metrics(run)[10]["tokens"] == int(mask.sum())
 
 
 # ----------------------------------------------------------------------------- two ranks

@@ -17,10 +17,7 @@ def _run_folder(folder: Path, name: str) -> Path:
         "preset": "MoE-4",
         "model": {
             "layers": ["lstm", "moe", "lstm"],
-            "n_experts": 4,
-            "expert_hidden": 16,
-            "k": 2,
-            "router": "noisy_topk",
+            "moe": {"n_experts": 4, "expert_hidden": 16, "k": 2, "router": "noisy_topk"},
         },
         "ops_per_timestep": 1e6,
         "params_excl_embedding_softmax": 2e6,
