@@ -107,7 +107,7 @@ def combine_rows(expert_out: Tensor, gates: Tensor, plan: DispatchPlan) -> Tenso
     """y_t = Σ_slot gate[t, slot] · expert_out[pair(t, slot)] (Eq. 1).
 
     expert_out: [N, D]; gates: [T, K]. Each output row is written back to its (token, slot)
-    place, then each token's K rows are mixed by its gates with one batched product, so the
+    place, then each token's K rows are mixed by its gates and summed over the slots, so the
     forward sum is in a fixed order. Dropped and unused slots contribute zero.
     The mix runs in the gates' precision (float32 from every router), outside autocast: the
     gate gradient is the router's only signal from the task loss. Returns [T, D].
@@ -118,5 +118,7 @@ def combine_rows(expert_out: Tensor, gates: Tensor, plan: DispatchPlan) -> Tenso
     by_slot = by_slot.view(n_tokens, slots, width)  # [T, K, D]
     dtype = torch.promote_types(gates.dtype, expert_out.dtype)
     with torch.autocast(device_type=expert_out.device.type, enabled=False):
-        weights = gates.to(dtype).unsqueeze(1)  # [T, 1, K]
-        return torch.bmm(weights, by_slot.to(dtype)).squeeze(1)  # [T, D]
+        # An elementwise product summed over the K slots, in slot order: on the CPU a bmm of
+        # T [1, K] x [K, D] products runs (and differentiates) matrix by matrix.
+        weights = gates.to(dtype).unsqueeze(-1)  # [T, K, 1]
+        return (by_slot.to(dtype) * weights).sum(1)  # [T, D]

@@ -24,7 +24,7 @@ from lstm_moe.tasks.common import routing_stats
 @dataclass(frozen=True)
 class CopyModelConfig:
     vocab: int = 12
-    d_model: int = 12  # rows of 48 bytes: float32 takes the grouped kernel
+    d_model: int = 12  # rows of 48 bytes, aligned for the grouped kernel too
     n_experts: int = 4
     expert_hidden: int = 16
     k: int = 2

@@ -8,7 +8,7 @@ from lstm_moe.moe import MoELayer, plan_dispatch
 
 from . import reference
 
-D, H = 12, 16  # rows of 48 and 64 bytes: the fp32 runs take the grouped kernel
+D, H = 12, 16  # rows of 48 and 64 bytes (aligned as the grouped kernel needs, where it runs)
 
 CASES = {
     "noisy_topk": dict(n_experts=8, k=3, router="noisy_topk"),

@@ -48,7 +48,7 @@ from lstm_moe.moe.experts import BatchedExperts
 from lstm_moe.moe.parallel import _expert_major_order
 from switch import SwitchRouter
 
-D, H = 12, 16  # rows of 48 and 64 bytes: float32 takes the grouped kernel
+D, H = 12, 16  # rows of 48 and 64 bytes (aligned as the grouped kernel needs, where it runs)
 TOL = dict(atol=1e-5, rtol=1e-5)
 # Tokens per rank, uneven on purpose.
 SPLITS = {1: (13,), 2: (9, 5), 4: (6, 2, 7, 3)}

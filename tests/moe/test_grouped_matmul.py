@@ -1,0 +1,91 @@
+"""Every product path behind grouped_matmul equals a plain loop over experts, outputs and
+both gradients: the per-expert GEMMs the CPU takes, the padded bmm of other devices and
+dtypes, and the grouped kernel (torch._grouped_mm, CUDA's bf16 path, checked here on the CPU
+in float32). Experts with no rows (first, in the middle, last), one expert with every row,
+and no rows at all are included."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lstm_moe.moe.experts import (
+    _GroupedMatmul,
+    _padded_bmm,
+    _PerExpertMatmul,
+    grouped_matmul,
+)
+
+D, H = 12, 20  # rows of 48 and 80 bytes: the grouped kernel's 16-byte alignment holds
+COUNTS = {
+    "balanced": [3, 3, 3, 3],
+    "empty experts": [0, 5, 0, 2, 4, 0],
+    "one expert": [0, 0, 9, 0],
+    "no rows": [0, 0, 0],
+}
+
+
+def reference(rows, weight, counts):
+    """Expert by expert, row by row: out[i] = rows[i] @ weight[expert of row i]."""
+    out, start = [], 0
+    for expert, n in enumerate(counts):
+        for i in range(start, start + n):
+            out.append(rows[i] @ weight[expert])
+        start += n
+    return torch.stack(out) if out else rows @ weight[0]  # [0, H], still on the graph
+
+
+PATHS = {
+    "per_expert": lambda r, w, c: _PerExpertMatmul.apply(r, w, c),
+    "padded_bmm": lambda r, w, c: _padded_bmm(r, w, torch.tensor(c)),
+    "grouped_kernel": lambda r, w, c: _GroupedMatmul.apply(
+        r, w, torch.cumsum(torch.tensor(c), 0, dtype=torch.int32)
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(COUNTS))
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_each_product_path_equals_a_loop_over_experts(case, path, dtype):
+    if path == "grouped_kernel" and dtype != torch.float32:
+        pytest.skip("the grouped kernel is taken for bf16 on CUDA; its CPU build runs float32")
+    counts = COUNTS[case]
+    generator = torch.Generator().manual_seed(len(counts))
+    rows = torch.randn(sum(counts), D, dtype=dtype, generator=generator, requires_grad=True)
+    weight = torch.randn(len(counts), D, H, dtype=dtype, generator=generator, requires_grad=True)
+    grad_out = torch.randn(sum(counts), H, dtype=dtype, generator=generator)
+
+    want = reference(rows, weight, counts)
+    want_rows, want_weight = torch.autograd.grad(want, (rows, weight), grad_out, allow_unused=True)
+    got = PATHS[path](rows, weight, counts)
+    got_rows, got_weight = torch.autograd.grad(got, (rows, weight), grad_out, allow_unused=True)
+
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got, want, **tol)
+    if sum(counts):
+        torch.testing.assert_close(got_rows, want_rows, **tol)
+    want_weight = torch.zeros_like(weight) if want_weight is None else want_weight
+    torch.testing.assert_close(got_weight, want_weight, **tol)
+    for expert, n in enumerate(counts):
+        if n == 0:  # an expert without rows has exactly zero gradient, never stale memory
+            assert torch.equal(got_weight[expert], torch.zeros_like(got_weight[expert]))
+
+
+def test_the_per_expert_gemms_pass_gradcheck():
+    counts = [2, 0, 3, 1]
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(6, 3, dtype=torch.float64, generator=generator, requires_grad=True)
+    weight = torch.randn(4, 3, 5, dtype=torch.float64, generator=generator, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda r, w: _PerExpertMatmul.apply(r, w, counts), (rows, weight)
+    )
+
+
+def test_the_cpu_takes_the_per_expert_gemms_in_float32_and_float64():
+    """grouped_matmul's dispatch on the CPU: what the layer's equivalence tests exercise."""
+    for dtype in (torch.float32, torch.float64):
+        rows = torch.randn(4, D, dtype=dtype, requires_grad=True)
+        weight = torch.randn(2, D, H, dtype=dtype, requires_grad=True)
+        out = grouped_matmul(rows, weight, torch.tensor([1, 3]))
+        assert type(out.grad_fn).__name__ == "_PerExpertMatmulBackward"
