@@ -6,7 +6,7 @@ Index letters: T tokens, D model width, E experts, K slots per token (variable, 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -16,7 +16,7 @@ from .parallel import ParallelGroup
 from .routing import Router, Routing, balance_losses, check_top_k
 
 if TYPE_CHECKING:
-    from .layer import MoEConfig
+    pass
 
 
 class BatchwiseRouter(Router):
@@ -79,26 +79,12 @@ class BatchwiseRouter(Router):
         """m = k·|X|/n of Eq. 18, rounded down, in [1, |X|]."""
         return min(n_tokens, max(1, (self.k * n_tokens) // self.n_experts))
 
-    @classmethod
-    def from_config(cls, config: MoEConfig) -> BatchwiseRouter:
-        return cls(
-            config.d_model,
-            config.n_experts,
-            config.k,
-            w_importance=config.w_importance,
-            w_load=config.w_load,
-            w_threshold=config.w_threshold,
-            init_std=config.batchwise_init_std,
-        )
-
-    def config_fields(self) -> dict[str, Any]:
-        return {
-            **super().config_fields(),
-            "w_importance": self.w_importance,
-            "w_load": self.w_load,
-            "w_threshold": self.w_threshold,
-            "batchwise_init_std": self.init_std,
-        }
+    options: ClassVar[dict[str, str]] = {
+        "w_importance": "w_importance",
+        "w_load": "w_load",
+        "w_threshold": "w_threshold",
+        "batchwise_init_std": "init_std",
+    }
 
     def gating_ops_per_token(self) -> int:
         return self.d_model * self.n_experts  # W_g only (Eq. 15): no noise matrix

@@ -10,7 +10,7 @@ K2 = k, N token-group pairs (T·K1).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -81,20 +81,17 @@ class HierarchicalRouter(Router):
             config.n_experts // config.n_groups,
             config.k_groups,
             config.k,
-            w_importance=config.w_importance,
-            w_load=config.w_load,
-            noise_epsilon=config.noise_epsilon,
+            **cls.option_values(config),
         )
 
+    options: ClassVar[dict[str, str]] = {
+        "w_importance": "w_importance",
+        "w_load": "w_load",
+        "noise_epsilon": "noise_epsilon",
+    }
+
     def config_fields(self) -> dict[str, Any]:
-        return {
-            **super().config_fields(),
-            "n_groups": self.n_groups,
-            "k_groups": self.k_groups,
-            "w_importance": self.w_importance,
-            "w_load": self.w_load,
-            "noise_epsilon": self.noise_epsilon,
-        }
+        return {**super().config_fields(), "n_groups": self.n_groups, "k_groups": self.k_groups}
 
     def gating_ops_per_token(self) -> int:
         # The primary W_g and W_noise, and those of the k_groups secondary gates a token uses.

@@ -190,13 +190,24 @@ class Router(nn.Module):
         """x: [T, D] float32 (or float64), outside autocast, zero in masked rows."""
         raise NotImplementedError
 
+    # The router's options: MoEConfig field -> the constructor keyword, which is also the
+    # attribute holding it. from_config and config_fields both read this one table.
+    options: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def option_values(cls, config: MoEConfig) -> dict[str, Any]:
+        """The constructor keywords of a config's options."""
+        return {keyword: getattr(config, name) for name, keyword in cls.options.items()}
+
     @classmethod
     def from_config(cls, config: MoEConfig) -> Router:
-        raise NotImplementedError
+        """Routers built as (d_model, n_experts, k, **options); others override this."""
+        return cls(config.d_model, config.n_experts, config.k, **cls.option_values(config))
 
     def config_fields(self) -> dict[str, Any]:
         """The MoEConfig fields that describe this router: its name, n_experts, k and options."""
-        return {"router": self.name, "n_experts": self.n_experts, "k": self.k}
+        own = {name: getattr(self, keyword) for name, keyword in self.options.items()}
+        return {"router": self.name, "n_experts": self.n_experts, "k": self.k, **own}
 
     def gating_ops_per_token(self) -> int:
         """Multiply-adds of the gating network per token (Table 7 counts every gating matrix
@@ -243,24 +254,11 @@ class NoisyTopKRouter(Router):
         self.w_gate = nn.Parameter(torch.zeros(d_model, n_experts))
         self.w_noise = nn.Parameter(torch.zeros(d_model, n_experts))
 
-    @classmethod
-    def from_config(cls, config: MoEConfig) -> NoisyTopKRouter:
-        return cls(
-            config.d_model,
-            config.n_experts,
-            config.k,
-            w_importance=config.w_importance,
-            w_load=config.w_load,
-            noise_epsilon=config.noise_epsilon,
-        )
-
-    def config_fields(self) -> dict[str, Any]:
-        return {
-            **super().config_fields(),
-            "w_importance": self.w_importance,
-            "w_load": self.w_load,
-            "noise_epsilon": self.noise_epsilon,
-        }
+    options: ClassVar[dict[str, str]] = {
+        "w_importance": "w_importance",
+        "w_load": "w_load",
+        "noise_epsilon": "noise_epsilon",
+    }
 
     def gating_ops_per_token(self) -> int:
         return 2 * self.d_model * self.n_experts  # W_g and W_noise, Eq. 3-4

@@ -17,7 +17,7 @@ Index letters: T tokens, D model width, E experts, K experts per token.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +27,7 @@ from .parallel import ParallelGroup
 from .routing import Router, Routing, check_top_k, mask_slots
 
 if TYPE_CHECKING:
-    from .layer import MoEConfig
+    pass
 
 # Standard deviation of a unit normal truncated to [-2, 2]:
 # sqrt(1 - 4·φ(2) / (Φ(2) - Φ(-2))), φ and Φ the normal density and CDF.
@@ -108,28 +108,13 @@ class SwitchRouter(Router):
         self.w_router = nn.Parameter(torch.empty(d_model, n_experts))
         nn.init.trunc_normal_(self.w_router, std=sigma, a=-2 * sigma, b=2 * sigma)
 
-    @classmethod
-    def from_config(cls, config: MoEConfig) -> SwitchRouter:
-        return cls(
-            config.d_model,
-            config.n_experts,
-            config.k,
-            w_balance=config.w_balance,
-            w_z=config.w_z,
-            jitter_eps=config.jitter_eps,
-            init_scale=config.switch_init_scale,
-            renormalize=config.switch_renormalize,
-        )
-
-    def config_fields(self) -> dict[str, Any]:
-        return {
-            **super().config_fields(),
-            "w_balance": self.w_balance,
-            "w_z": self.w_z,
-            "jitter_eps": self.jitter_eps,
-            "switch_init_scale": self.init_scale,
-            "switch_renormalize": self.renormalize,
-        }
+    options: ClassVar[dict[str, str]] = {
+        "w_balance": "w_balance",
+        "w_z": "w_z",
+        "jitter_eps": "jitter_eps",
+        "switch_init_scale": "init_scale",
+        "switch_renormalize": "renormalize",
+    }
 
     def gating_ops_per_token(self) -> int:
         return self.d_model * self.n_experts  # W_r only (Eq. 1)
