@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 
 FORMAT = "moe-repro-lm/1"
+# Sentence-aligned pairs for translation (lstm_moe.pairs reads them, data_prep.parallel writes).
+PARALLEL_FORMAT = "moe-repro-parallel/1"
 # The vocabulary's special ids, fixed by the format (data_prep.vocab spells them).
 BOS_ID, EOS_ID, UNK_ID = 0, 1, 2
 # OSErrors that come from a path the user gave (a command exits 2 for them, as for any bad
@@ -54,8 +56,9 @@ def read_json(path: Path):
         raise ValueError(f"{path} is not UTF-8 text") from None
 
 
-def read_meta(folder: Path) -> dict:
-    """meta.json of a prepared dataset folder, checked to be of this format."""
+def read_meta(folder: Path, expected_format: str = FORMAT) -> dict:
+    """meta.json of a prepared dataset folder, checked to be of `expected_format` (a token
+    stream for language modelling by default; PARALLEL_FORMAT for translation pairs)."""
     path = Path(folder) / "meta.json"
     if not path.is_file():
         raise FileNotFoundError(
@@ -63,9 +66,9 @@ def read_meta(folder: Path) -> dict:
             " finish); run the data_prep command for it first"
         )
     meta = read_json(path)
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != expected_format:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise ValueError(f"{path}: format {found!r}, expected {FORMAT!r}")
+        raise ValueError(f"{path}: format {found!r}, expected {expected_format!r}")
     return meta
 
 
@@ -91,6 +94,7 @@ __all__ = [
     "BOS_ID",
     "EOS_ID",
     "FORMAT",
+    "PARALLEL_FORMAT",
     "PATH_ERRORS",
     "UNK_ID",
     "read_json",
