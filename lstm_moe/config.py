@@ -1,8 +1,12 @@
-"""Configuration of the LSTM language model (Shazeer et al. 2017, App. C.1); lstm_moe.fields
-sets it from the command line and JSON.
+"""Configurations of the paper's models (Shazeer et al. 2017): the LSTM language model
+(App. C.1) and the GNMT-style translation model (App. E); lstm_moe.fields sets them from the
+command line and JSON.
 
-Defaults are the paper's 1B Word values: width 512 everywhere, LSTM → MoE → LSTM, k = 4,
-w_importance = w_load = 0.1, DropProb 0.1, a sampled softmax for the 793,471-word vocabulary.
+LMConfig's defaults are the paper's 1B Word values: width 512 everywhere, LSTM → MoE → LSTM,
+k = 4, w_importance = w_load = 0.1, DropProb 0.1, a sampled softmax for the 793,471-word
+vocabulary. NMTConfig's are its WMT'14 single-pair values (App. E): width 512, LSTMs of 2048
+cells projected to 512, experts 512 → 2048 → 512, strictly balanced gating (App. F) with
+w_importance = w_load = 0.01, DropProb 0.4, a shared 32K wordpiece vocabulary.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from lstm_moe.moe.routers import ROUTERS
 
 LAYER_KINDS = ("lstm", "moe", "ffn")
 SOFTMAX_KINDS = ("full", "sampled")
+ATTENTION_KINDS = ("factored", "additive")
 
 
 def _paper_moe() -> MoEConfig:
@@ -80,4 +85,101 @@ class LMConfig:
         return self.moe
 
 
-__all__ = ["LAYER_KINDS", "SOFTMAX_KINDS", "LMConfig"]
+def _paper_translation_moe() -> MoEConfig:
+    """The MT MoE-32 layer: 32 experts 512 → 2048 → 512, k = 4, strictly balanced gating,
+    w_importance = w_load = 0.01 (App. E, F)."""
+    return MoEConfig(
+        d_model=512,
+        n_experts=32,
+        expert_hidden=2048,
+        k=4,
+        router="batchwise",
+        w_importance=0.01,
+        w_load=0.01,
+    )
+
+
+@dataclass(frozen=True)
+class NMTConfig:
+    """The GNMT-style encoder-decoder of App. E (lstm_moe.nmt), every layer `h + Dropout(f(h))`.
+
+    encoder_layers: the encoder's stack, listed explicitly; the paper's is three LSTMs with the
+        MoE between the second and the third: ("lstm", "lstm", "moe", "lstm").
+    decoder_layers: the decoder's, ("lstm", "moe", "lstm") in the paper. The first must be an
+        LSTM: it queries the attention (and, with input_feeding, reads its last context).
+    d_model: width of the embeddings, of every layer's output, of the MoE and the attention
+        context.
+    lstm_hidden: LSTM cells, projected to d_model when larger (2048 → 512 in the paper).
+    moe: both MoE layers' config (each layer has its own weights); set flat on the command line.
+    ffn_hidden: hidden widths of a dense "ffn" layer (the compute-matched baseline).
+    bidirectional_first: the first encoder layer reads the source both ways, each direction
+        with half the cells and half the output width (GNMT §3.1; the paper is silent).
+    attention: "factored", App. G's Σ_d V_d tanh((x_i U)_d) tanh((y_j W)_d), whose source side
+        is computed once per sentence; or "additive", GNMT's Σ_d V_d tanh((x_i U)_d + (y_j W)_d).
+    attention_hidden: n, the attention function's hidden width.
+    input_feeding: the first decoder layer reads the previous step's attention context beside
+        the previous target word (footnote 5: it provides the attention's input and receives
+        its output). This makes that layer step by step in training; False runs it over all
+        steps at once and computes every step's attention in one product, App. G's motivation.
+    dropout: DropProb on the output of every embedding, LSTM and MoE layer (0.4, App. E).
+    label_smoothing: ε of the training loss (the paper is silent; 0 keeps the training loss a
+        log-likelihood, comparable with the reported perplexities). Validation is never smoothed.
+    """
+
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "encoder_layers": LAYER_KINDS,
+        "decoder_layers": LAYER_KINDS,
+        "attention": ATTENTION_KINDS,
+        "router": tuple(ROUTERS),
+    }
+
+    vocab_size: int = 32_000
+    encoder_layers: tuple[str, ...] = ("lstm", "lstm", "moe", "lstm")
+    decoder_layers: tuple[str, ...] = ("lstm", "moe", "lstm")
+    d_model: int = 512
+    lstm_hidden: int = 2048
+    moe: MoEConfig = field(default_factory=_paper_translation_moe)
+    ffn_hidden: tuple[int, ...] = (8192,)
+    bidirectional_first: bool = True
+    attention: str = "factored"
+    attention_hidden: int = 512
+    input_feeding: bool = True
+    dropout: float = 0.4
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "lstm_hidden", "attention_hidden"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("encoder_layers", "decoder_layers"):
+            layers = getattr(self, name)
+            if not layers or any(kind not in LAYER_KINDS for kind in layers):
+                raise ValueError(f"{name} must be a non-empty list of {LAYER_KINDS}, got {layers}")
+        if self.decoder_layers[0] != "lstm":
+            raise ValueError(
+                f"decoder_layers must start with an LSTM (it queries the attention), got "
+                f"{self.decoder_layers}"
+            )
+        if self.bidirectional_first and (
+            self.encoder_layers[0] != "lstm" or self.d_model % 2 or self.lstm_hidden % 2
+        ):
+            raise ValueError(
+                "bidirectional_first needs an encoder starting with an LSTM and even d_model "
+                f"and lstm_hidden (each direction has half), got {self.encoder_layers}, "
+                f"d_model={self.d_model}, lstm_hidden={self.lstm_hidden}"
+            )
+        if "ffn" in self.encoder_layers + self.decoder_layers and (
+            not self.ffn_hidden or min(self.ffn_hidden) < 1
+        ):
+            raise ValueError(f"ffn_hidden must list widths >= 1, got {self.ffn_hidden}")
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.moe.d_model != self.d_model:  # the layer's width is the model's
+            object.__setattr__(self, "moe", dataclasses.replace(self.moe, d_model=self.d_model))
+
+
+__all__ = ["ATTENTION_KINDS", "LAYER_KINDS", "SOFTMAX_KINDS", "LMConfig", "NMTConfig"]

@@ -19,19 +19,22 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lstm_moe.config import LMConfig
-from lstm_moe.moe import MoELayer, MoEOutput
+from lstm_moe.moe import MoEConfig, MoELayer, MoEOutput
 from lstm_moe.softmax import Softmax
 
 LSTMState = tuple[Tensor, Tensor]
 
 
 class LSTMBlock(nn.Module):
-    """One LSTM layer, with an output projection to d_model when it has more cells (LSTMP)."""
+    """One LSTM layer, with an output projection to d_model when it has more cells (LSTMP).
+    input_size: the width it reads, d_model unless given (a translation decoder's layers also
+    read the attention context beside it)."""
 
-    def __init__(self, d_model: int, hidden: int):
+    def __init__(self, d_model: int, hidden: int, input_size: int | None = None):
         super().__init__()
         self.d_model, self.hidden = d_model, hidden
-        self.lstm = nn.LSTM(d_model, hidden, proj_size=d_model if hidden != d_model else 0)
+        self.input_size = d_model if input_size is None else input_size
+        self.lstm = nn.LSTM(self.input_size, hidden, proj_size=d_model if hidden != d_model else 0)
         # PyTorch's LSTM adds two bias vectors (b_ih + b_hh) where the paper's LSTM has one;
         # b_hh is held at zero and frozen so the model and its parameter count are the paper's.
         with torch.no_grad():
@@ -40,25 +43,27 @@ class LSTMBlock(nn.Module):
 
     def forward(self, x: Tensor, state: LSTMState | None) -> tuple[Tensor, LSTMState]:
         # cuDNN's autocast path would run the LSTM in float16 whatever dtype autocast asks
-        # for; the recurrence (and the state carried across windows) stays in float32.
+        # for; the recurrence (and the state carried across windows) stays in the weights'
+        # dtype (float32 unless the whole model was cast).
+        dtype = self.lstm.weight_ih_l0.dtype
         with torch.autocast(x.device.type, enabled=False):
-            state = None if state is None else (state[0].float(), state[1].float())
-            return self.lstm(x.float(), state)  # [T, B, D]
+            state = None if state is None else (state[0].to(dtype), state[1].to(dtype))
+            return self.lstm(x.to(dtype), state)  # [T, B, D]
 
     def ops_per_timestep(self) -> int:
         """Multiply-adds per token: four gates over [input, recurrent output], plus projection."""
         recurrent = self.d_model if self.hidden != self.d_model else self.hidden
         projection = self.hidden * self.d_model if self.hidden != self.d_model else 0
-        return 4 * self.hidden * (self.d_model + recurrent) + projection
+        return 4 * self.hidden * (self.input_size + recurrent) + projection
 
 
 class MoEBlock(nn.Module):
     """The sparsely-gated MoE layer applied to every position; sigmoid of its output (App. C.1).
     process_group: the ranks the experts are spread over (lstm_moe.moe.parallel), or None."""
 
-    def __init__(self, config: LMConfig, process_group: dist.ProcessGroup | None = None):
+    def __init__(self, config: MoEConfig, process_group: dist.ProcessGroup | None = None):
         super().__init__()
-        self.moe = MoELayer.from_config(config.moe, process_group)
+        self.moe = MoELayer.from_config(config, process_group)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, MoEOutput]:
         # x: [T, B, D], routed as T·B tokens in one call, lane by lane ([B, T] order): under a
@@ -126,7 +131,7 @@ class LanguageModel(nn.Module):
             if kind == "lstm":
                 blocks.append(LSTMBlock(config.d_model, config.lstm_hidden))
             elif kind == "moe":
-                blocks.append(MoEBlock(config, process_group))
+                blocks.append(MoEBlock(config.moe, process_group))
             else:
                 blocks.append(FFNBlock(config.d_model, config.ffn_hidden))
         self.blocks = nn.ModuleList(blocks)

@@ -1,4 +1,5 @@
-"""The language models of Table 7 (Shazeer et al. 2017, App. C.1), with the paper's sizes.
+"""The language models of Table 7 (Shazeer et al. 2017, App. C.1), with the paper's sizes, and
+the translation models of §5.3 / App. E (TRANSLATION_PRESETS).
 
 Every preset is embedding → layers → softmax at width 512 (1024 for MoE-34M / MoE-143M) over
 the 793,471-word lm1b vocabulary. The MoE models put 4 experts' worth of compute (4M ops) between
@@ -7,6 +8,16 @@ is the paper's per-model best.
 
     python -m lstm_moe.presets                 # table of ops/timestep and parameters
     python -m lstm_moe.presets --json PATH     # the same, machine-readable
+
+The translation models (App. E): encoder of 3 LSTMs with the MoE between the 2nd and the 3rd,
+decoder of 2 with the MoE between them, LSTMs of 2048 cells projected to 512, experts 512 →
+2048 → 512, w_importance = w_load = 0.01, DropProb 0.4, a shared 32K wordpiece vocabulary. The
+flat MoE-32 (k = 4) uses the strictly balanced gate (App. F), the hierarchical ones (branching
+16, k = 2 per level: 4 experts per token) the noisy hierarchical gate of App. B: App. F's gate is
+flat only here. The dense baseline replaces each MoE by a ReLU layer of 8192 units, the compute
+of the 4 experts a token uses. The paper gives 85M ops/timestep and ~8.7B parameters for the
+2048-expert model; these presets count 86.9M (encoder + decoder + softmax per position pair,
+the attention's source-length terms excluded) and 8.70B.
 
 Sizes are counted on the "meta" device, so even MoE-4096-h (4.3 B parameters) costs no memory.
 """
@@ -19,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from lstm_moe.config import LMConfig
+from lstm_moe.config import LMConfig, NMTConfig
 from lstm_moe.files import write_json_atomic
 from lstm_moe.moe import MoEConfig
 
@@ -83,6 +94,26 @@ TABLE_7 = {
 }
 
 
+def _translation_moe(n_experts: int, **options) -> MoEConfig:
+    return _moe(n_experts, expert_hidden=2048, w_importance=0.01, w_load=0.01, **options)
+
+
+TRANSLATION_PRESETS: dict[str, NMTConfig] = {
+    "NMT-dense": NMTConfig(
+        encoder_layers=("lstm", "lstm", "ffn", "lstm"),
+        decoder_layers=("lstm", "ffn", "lstm"),
+        ffn_hidden=(8192,),
+    ),
+    "NMT-MoE-32": NMTConfig(moe=_translation_moe(32, k=4, router="batchwise")),
+    "NMT-MoE-512-h": NMTConfig(moe=_translation_moe(512, k=2, router="hierarchical", n_groups=16)),
+    "NMT-MoE-2048-h": NMTConfig(
+        moe=_translation_moe(2048, k=2, router="hierarchical", n_groups=16)
+    ),
+}
+# What §5.3 reports for its largest model (2048 experts): ops/timestep and parameters.
+PAPER_TRANSLATION = {"NMT-MoE-2048-h": (85e6, 8.7e9)}
+
+
 def matches_table_7(count: int, printed: float) -> bool:
     """True when `count` printed in millions to one decimal (rounded or truncated) is `printed`."""
     millions = count / 1e6
@@ -112,10 +143,31 @@ def preset_table() -> list[dict]:
     return [{"name": name, **model_size(config)} for name, config in PRESETS.items()]
 
 
+def translation_model_size(config: NMTConfig) -> dict:
+    """ops per position (encoder, decoder, softmax, total) and parameters, on the meta device."""
+    from lstm_moe.nmt import TranslationModel
+
+    with torch.device("meta"):
+        model = TranslationModel(config)
+    return {
+        "ops_per_timestep": model.ops_per_timestep(),
+        "params_excl_embedding_softmax": model.params_excluding_embedding_softmax(),
+        "total_params": model.total_params(),
+    }
+
+
+def translation_preset_table() -> list[dict]:
+    return [
+        {"name": name, **translation_model_size(config)}
+        for name, config in TRANSLATION_PRESETS.items()
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m lstm_moe.presets",
-        description="Print every Table 7 preset's ops/timestep and parameter counts.",
+        description="Print every preset's ops/timestep and parameter counts: the language "
+        "models of Table 7 and the translation models of §5.3.",
     )
     parser.add_argument("--json", type=Path, help="also write the table here")
     args = parser.parse_args(argv)
@@ -131,9 +183,23 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['params_excl_embedding_softmax'] / 1e6:>16.2f} {row['total_params'] / 1e9:>9.2f}"
             f"   {ops:>12.1f} {params:>8.1f}"
         )
+    translation = translation_preset_table()
+    print(
+        f"\n{'translation':<15} {'ops/step (M)':>12} {'encoder':>8} {'decoder':>8} "
+        f"{'softmax':>8} {'params (B)':>10}   {'paper: ops (M)':>14} {'params (B)':>10}"
+    )
+    for row in translation:
+        ops = row["ops_per_timestep"]
+        paper = PAPER_TRANSLATION.get(row["name"])
+        paper_text = f"{paper[0] / 1e6:>14.0f} {paper[1] / 1e9:>10.1f}" if paper else ""
+        print(
+            f"{row['name']:<15} {ops['total'] / 1e6:>12.2f} {ops['encoder'] / 1e6:>8.2f} "
+            f"{ops['decoder'] / 1e6:>8.2f} {ops['softmax'] / 1e6:>8.2f} "
+            f"{row['total_params'] / 1e9:>10.3f}   {paper_text}"
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(args.json, {"presets": rows})
+        write_json_atomic(args.json, {"presets": rows, "translation_presets": translation})
         print(f"wrote {args.json}")
     return 0
 

@@ -64,12 +64,13 @@ class Softmax(nn.Module):
         with torch.autocast(hidden.device.type, enabled=False):
             return F.linear(hidden.float(), self.weight.float(), self.bias.float())
 
-    def nll(self, hidden: Tensor, targets: Tensor) -> Tensor:
+    def nll(self, hidden: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
         """Exact negative log-likelihood per row. hidden: [N, D]; targets: [N] -> [N] float32.
-        Computed in row chunks so that the [N, V] logits never exist at once."""
+        Computed in row chunks so that the [N, V] logits never exist at once. label_smoothing
+        ε: the cross entropy against (1 - ε)·onehot + ε/V instead (Szegedy et al. 2016)."""
         chunk = max(1, _LOGITS_PER_CHUNK // self.vocab_size)
         pieces = [
-            F.cross_entropy(self.logits(h), t, reduction="none")
+            F.cross_entropy(self.logits(h), t, reduction="none", label_smoothing=label_smoothing)
             for h, t in zip(hidden.split(chunk), targets.split(chunk), strict=True)
         ]
         return torch.cat(pieces) if pieces else hidden.new_zeros(0)

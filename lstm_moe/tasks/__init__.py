@@ -2,8 +2,15 @@
 its loss, its validation. TASKS names every task the command line can train."""
 
 from .lm import LanguageModelTask, LMTaskConfig
+from .translation import TranslationTask, TranslationTaskConfig
 
 # The one mapping from `--task` to the task's class.
-TASKS = {LanguageModelTask.name: LanguageModelTask}
+TASKS = {LanguageModelTask.name: LanguageModelTask, TranslationTask.name: TranslationTask}
 
-__all__ = ["TASKS", "LMTaskConfig", "LanguageModelTask"]
+__all__ = [
+    "TASKS",
+    "LMTaskConfig",
+    "LanguageModelTask",
+    "TranslationTask",
+    "TranslationTaskConfig",
+]

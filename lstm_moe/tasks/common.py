@@ -1,13 +1,20 @@
-"""What every task reports alike: the routing statistics of its MoE layers and the
-fingerprint of the dataset it trains on."""
+"""What every task does alike: the routing statistics of its MoE layers (per step, and summed
+over an evaluation), the fingerprint of the dataset it trains on, and loading a trained run's
+model for evaluation."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
+from lstm_moe.engine.checkpoint import load_run_checkpoint
+from lstm_moe.fields import config_from_dict
+from lstm_moe.files import read_json
 from lstm_moe.moe import MoEOutput
+from lstm_moe.moe.parallel import expert_tensor_names
 
 
 def routing_stats(results: list[MoEOutput]) -> dict[str, Tensor]:
@@ -35,3 +42,87 @@ def data_fingerprint(data_dir: Path, meta: dict) -> dict:
         "vocab_size": meta["vocab"]["size"],
         "vocab_sha256": meta["vocab"]["sha256"],
     }
+
+
+def _cv(values: Tensor) -> float:
+    mean = values.mean()
+    return float(values.std(unbiased=False) / mean) if mean > 0 else 0.0
+
+
+def routing_summary(tokens_per_expert: Tensor, importance: Tensor, fraction_dropped: float) -> dict:
+    """Balance of one MoE layer over a whole evaluation (Load here counts routed tokens, the
+    real ones only). fraction_dropped is the mean over batches."""
+    return {
+        "tokens_per_expert": tokens_per_expert.long().tolist(),
+        "cv_load": _cv(tokens_per_expert),
+        "cv_importance": _cv(importance),
+        "max_over_mean_load": float(tokens_per_expert.max() / tokens_per_expert.mean())
+        if tokens_per_expert.mean() > 0
+        else 0.0,
+        "unused_experts": int((tokens_per_expert == 0).sum()),
+        "fraction_dropped": fraction_dropped,
+    }
+
+
+class RoutingTotals:
+    """Each MoE layer's routed tokens and importance per expert, summed over the batches of an
+    evaluation (the stats are already those of all ranks), and its dropped fraction averaged."""
+
+    def __init__(self) -> None:
+        self.routed: list[Tensor] = []
+        self.importance: list[Tensor] = []
+        self.dropped: list[float] = []
+        self.batches = 0
+
+    def add(self, results: list[MoEOutput]) -> None:
+        self.batches += 1
+        for layer, result in enumerate(results):
+            if len(self.routed) <= layer:
+                zeros = torch.zeros_like(result.stats.tokens_per_expert, dtype=torch.float64)
+                self.routed.append(zeros)
+                self.importance.append(torch.zeros_like(zeros))
+                self.dropped.append(0.0)
+            self.routed[layer] += result.stats.tokens_per_expert.double()
+            self.importance[layer] += result.stats.importance.double()
+            self.dropped[layer] += float(result.stats.fraction_dropped)
+
+    def summaries(self) -> list[dict]:
+        return [
+            routing_summary(r, i, d / max(self.batches, 1))
+            for r, i, d in zip(self.routed, self.importance, self.dropped, strict=True)
+        ]
+
+
+def load_run_model(
+    run_dir: Path,
+    device: torch.device,
+    task_name: str,
+    config_class: type,
+    model_class: Callable[..., nn.Module],
+    read_dataset_meta: Callable[[Path], dict],
+):
+    """The model of a run folder (config.json + checkpoint.pt) of task `task_name`, its experts
+    reassembled from however many ranks saved them, with its dataset's folder and meta.json,
+    after checking that they belong together. Returns (model in eval mode on device, data_dir,
+    meta, run_config, checkpoint step, tokens trained)."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found: is {run_dir} a training run?")
+    run_config = read_json(config_path)
+    if run_config.get("task", "lm") != task_name:
+        raise ValueError(
+            f"{run_dir} is a {run_config.get('task', 'lm')!r} run, not a {task_name!r} one"
+        )
+    model_config = config_from_dict(config_class, run_config["model"])
+    data_dir = Path(run_config["data"]["path"])
+    meta = read_dataset_meta(data_dir)
+    model = model_class(model_config)
+    ckpt = load_run_checkpoint(run_dir, optimizer=False, expert_names=expert_tensor_names(model))
+    if config_from_dict(config_class, ckpt["model_config"]) != model_config:
+        raise ValueError(f"{run_dir}: config.json and checkpoint.pt describe different models")
+    if ckpt["task_record"]["data"]["vocab_sha256"] != meta["vocab"]["sha256"]:
+        raise ValueError(f"{data_dir}'s vocabulary is not the one {run_dir} was trained with")
+    model.load_state_dict(ckpt["model"])
+    model.to(device).eval()
+    return model, data_dir, meta, run_config, ckpt["step"], ckpt["tokens"]

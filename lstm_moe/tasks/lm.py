@@ -25,18 +25,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from tqdm import tqdm
 
 from lstm_moe.config import LMConfig
 from lstm_moe.data import LaneBatches
-from lstm_moe.engine.checkpoint import load_run_checkpoint
 from lstm_moe.engine.task import StepOutput
-from lstm_moe.fields import config_from_dict
-from lstm_moe.files import EOS_ID, read_json, read_meta, read_split
+from lstm_moe.files import EOS_ID, read_meta, read_split
 from lstm_moe.lm import LanguageModel, detach_state
-from lstm_moe.moe.parallel import ParallelGroup, expert_tensor_names
-from lstm_moe.tasks.common import data_fingerprint, routing_stats
+from lstm_moe.moe.parallel import ParallelGroup
+from lstm_moe.tasks.common import (
+    RoutingTotals,
+    data_fingerprint,
+    load_run_model,
+    routing_stats,
+    routing_summary,
+)
 
 # Validation reads the valid split in windows of this many steps, over at most this many
 # lanes (fewer when the training batch is smaller).
@@ -304,9 +308,7 @@ def evaluate(
     n_windows = len(batches) if max_windows is None else min(max_windows, len(batches))
     nll_sum, n_tokens = 0.0, 0
     state = None
-    routed: list[Tensor] = []
-    importance: list[Tensor] = []
-    dropped: list[float] = []
+    totals = RoutingTotals()
     windows = range(n_windows)
     if progress:
         windows = tqdm(windows, desc="evaluate", unit="window", leave=False)
@@ -326,18 +328,7 @@ def evaluate(
             nll = model.nll(out.hidden, targets).view_as(targets)  # [T, B]
             nll_sum += float(nll[mask].double().sum())
             n_tokens += int(mask.sum())
-            for layer, result in enumerate(out.moe):
-                if len(routed) <= layer:
-                    routed.append(
-                        torch.zeros_like(result.stats.tokens_per_expert, dtype=torch.float64)
-                    )
-                    importance.append(
-                        torch.zeros_like(result.stats.importance, dtype=torch.float64)
-                    )
-                    dropped.append(0.0)
-                routed[layer] += result.stats.tokens_per_expert.double()
-                importance[layer] += result.stats.importance.double()
-                dropped[layer] += float(result.stats.fraction_dropped)
+            totals.add(out.moe)
     finally:
         model.train(was_training)
     nll_sum, n_tokens = group.sum_host([nll_sum, float(n_tokens)])
@@ -347,57 +338,17 @@ def evaluate(
         "nll_per_token": mean_nll,
         "perplexity": math.exp(mean_nll),
         "tokens": n_tokens,
-        "moe_layers": [
-            routing_summary(r, i, d / max(n_windows, 1))
-            for r, i, d in zip(routed, importance, dropped, strict=True)
-        ],
-    }
-
-
-def _cv(values: Tensor) -> float:
-    mean = values.mean()
-    return float(values.std(unbiased=False) / mean) if mean > 0 else 0.0
-
-
-def routing_summary(tokens_per_expert: Tensor, importance: Tensor, fraction_dropped: float) -> dict:
-    """Balance of one MoE layer over a whole evaluation (Load here counts routed tokens, the
-    real ones only). fraction_dropped is the mean over windows."""
-    return {
-        "tokens_per_expert": tokens_per_expert.long().tolist(),
-        "cv_load": _cv(tokens_per_expert),
-        "cv_importance": _cv(importance),
-        "max_over_mean_load": float(tokens_per_expert.max() / tokens_per_expert.mean())
-        if tokens_per_expert.mean() > 0
-        else 0.0,
-        "unused_experts": int((tokens_per_expert == 0).sum()),
-        "fraction_dropped": fraction_dropped,
+        "moe_layers": totals.summaries(),
     }
 
 
 def load_trained_model(run_dir: Path, device: torch.device):
-    """The model of a run folder (config.json + checkpoint.pt), its experts reassembled from
-    however many ranks saved them, with its dataset's folder and meta.json, after checking
-    that they belong together. Returns (model, data_dir, meta, run_config, checkpoint step,
-    tokens trained)."""
-    run_dir = Path(run_dir)
-    config_path = run_dir / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found: is {run_dir} a training run?")
-    run_config = read_json(config_path)
-    if run_config.get("task", "lm") != LanguageModelTask.name:
-        raise ValueError(f"{run_dir} is a {run_config['task']!r} run, not a language model")
-    model_config = config_from_dict(LMConfig, run_config["model"])
-    data_dir = Path(run_config["data"]["path"])
-    meta = read_meta(data_dir)
-    model = LanguageModel(model_config)
-    ckpt = load_run_checkpoint(run_dir, optimizer=False, expert_names=expert_tensor_names(model))
-    if config_from_dict(LMConfig, ckpt["model_config"]) != model_config:
-        raise ValueError(f"{run_dir}: config.json and checkpoint.pt describe different models")
-    if ckpt["task_record"]["data"]["vocab_sha256"] != meta["vocab"]["sha256"]:
-        raise ValueError(f"{data_dir}'s vocabulary is not the one {run_dir} was trained with")
-    model.load_state_dict(ckpt["model"])
-    model.to(device).eval()
-    return model, data_dir, meta, run_config, ckpt["step"], ckpt["tokens"]
+    """The model of a language-model run folder, its experts reassembled from however many
+    ranks saved them, with its dataset's folder and meta.json, after checking that they belong
+    together. Returns (model, data_dir, meta, run_config, checkpoint step, tokens trained)."""
+    return load_run_model(
+        run_dir, device, LanguageModelTask.name, LMConfig, LanguageModel, read_meta
+    )
 
 
 __all__ = [
