@@ -111,7 +111,8 @@ class Attention(nn.Module):
             scores = torch.tanh(q) @ keys.transpose(1, 2)  # [B, T, S]
         else:
             scores = torch.tanh(keys[:, None] + q[:, :, None]) @ self.v  # [B, T, S]
-        scores = scores.float().masked_fill(~src_mask[:, None, :], float("-inf"))
+        scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
+        scores = scores.masked_fill(~src_mask[:, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         # A sentence with no real position (only zero-row decoding steps reach here with none)
         # would give NaN: such rows attend to nothing.

@@ -92,7 +92,8 @@ def sorted_batches(lengths: np.ndarray, batch_size: int, min_size: int = 1) -> l
     order = np.argsort(lengths, kind="stable")
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     if len(batches) > 1 and len(batches[-1]) < min_size:
-        batches[-2] = np.concatenate([batches[-2], batches.pop()])
+        last = batches.pop()
+        batches[-1] = np.concatenate([batches[-1], last])
     return batches
 
 
