@@ -71,10 +71,10 @@ from lstm_moe.moe.parallel import ParallelGroup
 # attention the Transformer spreads over heads and layers. GNMT tuned α and β on development
 # data (Wu et al. 2016, §7): pass theirs to reproduce that setup.
 BEAM, ALPHA, BETA = 4, 0.6, 0.0
-# A cap proportional to the source: En–De wordpiece counts are close on both sides, and a
-# hypothesis cut at the cap is returned as it stands, so the cap must leave room for the
-# longest real translation (1.5 × the source, + 10 for short sources) while still stopping a
-# hypothesis that repeats itself. (fairseq's default is a flat 200.)
+# A cap proportional to the source, as a translation's length follows its source's: a
+# hypothesis cut at the cap is returned as it stands, so the cap is generous (room for a
+# target half as long again as its source, + 10 for short sources) while still stopping a
+# hypothesis that repeats itself within a few dozen steps. (fairseq's default: a flat 200.)
 MAX_LEN_A, MAX_LEN_B = 1.5, 10
 # At least one token: an empty translation is never what an evaluation sentence wants.
 MIN_LEN = 1
@@ -106,8 +106,8 @@ __all__ = [
 @dataclass
 class Hypothesis:
     """One finished hypothesis. tokens: target ids, BOS and EOS left out; score: s(Y, X);
-    log_prob: log P(Y|X), EOS's term included; ended: True if it chose EOS, False if it was
-    cut at the maximum length."""
+    log_prob: log P(Y|X) (EOS's term included if ended); ended: True if it chose EOS, False
+    if it was cut at the maximum length."""
 
     tokens: list[int]
     score: float
