@@ -65,6 +65,8 @@ class BiLSTMBlock(nn.Module):
     def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
         """x: [S, B, D]; lengths: [B] real positions per sentence -> [S, B, D], zero at
         padding."""
+        if x.shape[1] == 0:  # no sentence (a rank with none left still runs the MoE layers)
+            return x.new_zeros(x.shape)
         with torch.autocast(x.device.type, enabled=False):
             packed = pack_padded_sequence(
                 x.to(self.lstm.weight_ih_l0.dtype), lengths.cpu().clamp(min=1), enforce_sorted=False

@@ -14,7 +14,7 @@ from lstm_moe.engine.checkpoint import load_run_checkpoint
 from lstm_moe.fields import config_from_dict
 from lstm_moe.files import read_json
 from lstm_moe.moe import MoEOutput
-from lstm_moe.moe.parallel import expert_tensor_names
+from lstm_moe.moe.parallel import ParallelGroup, expert_tensor_names, shard_state_dict
 
 
 def routing_stats(results: list[MoEOutput]) -> dict[str, Tensor]:
@@ -100,11 +100,13 @@ def load_run_model(
     config_class: type,
     model_class: Callable[..., nn.Module],
     read_dataset_meta: Callable[[Path], dict],
+    group: ParallelGroup | None = None,
 ):
     """The model of a run folder (config.json + checkpoint.pt) of task `task_name`, its experts
-    reassembled from however many ranks saved them, with its dataset's folder and meta.json,
-    after checking that they belong together. Returns (model in eval mode on device, data_dir,
-    meta, run_config, checkpoint step, tokens trained)."""
+    reassembled from however many ranks saved them (and, with a group of W ranks, cut to this
+    rank's share), with its dataset's folder and meta.json, after checking that they belong
+    together. Returns (model in eval mode on device, data_dir, meta, run_config, checkpoint
+    step, tokens trained)."""
     run_dir = Path(run_dir)
     config_path = run_dir / "config.json"
     if not config_path.is_file():
@@ -117,12 +119,14 @@ def load_run_model(
     model_config = config_from_dict(config_class, run_config["model"])
     data_dir = Path(run_config["data"]["path"])
     meta = read_dataset_meta(data_dir)
-    model = model_class(model_config)
-    ckpt = load_run_checkpoint(run_dir, optimizer=False, expert_names=expert_tensor_names(model))
+    group = ParallelGroup() if group is None else group
+    model = model_class(model_config, group.process_group)
+    expert_names = expert_tensor_names(model)
+    ckpt = load_run_checkpoint(run_dir, optimizer=False, expert_names=expert_names)
     if config_from_dict(config_class, ckpt["model_config"]) != model_config:
         raise ValueError(f"{run_dir}: config.json and checkpoint.pt describe different models")
     if ckpt["task_record"]["data"]["vocab_sha256"] != meta["vocab"]["sha256"]:
         raise ValueError(f"{data_dir}'s vocabulary is not the one {run_dir} was trained with")
-    model.load_state_dict(ckpt["model"])
+    model.load_state_dict(shard_state_dict(ckpt["model"], group, expert_names))
     model.to(device).eval()
     return model, data_dir, meta, run_config, ckpt["step"], ckpt["tokens"]

@@ -277,10 +277,11 @@ def evaluate_pairs(
     }
 
 
-def load_trained_model(run_dir: Path, device: torch.device):
+def load_trained_model(run_dir: Path, device: torch.device, group: ParallelGroup | None = None):
     """The translation model of a run folder, its experts reassembled from however many ranks
-    saved them, with its dataset folder and meta.json, checked to belong together. Returns
-    (model, data_dir, meta, run_config, checkpoint step, tokens trained)."""
+    saved them (this rank's share of them with a group), with its dataset folder and
+    meta.json, checked to belong together. Returns (model, data_dir, meta, run_config,
+    checkpoint step, tokens trained)."""
     return load_run_model(
         run_dir,
         device,
@@ -288,4 +289,5 @@ def load_trained_model(run_dir: Path, device: torch.device):
         NMTConfig,
         TranslationModel,
         read_parallel_meta,
+        group,
     )

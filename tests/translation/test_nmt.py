@@ -137,9 +137,12 @@ def test_gradients_reach_every_trained_parameter():
 
 
 def test_a_decoding_step_with_no_rows():
+    """A rank whose sentences are done still runs every MoE layer, with no rows."""
     model = TranslationModel(tiny_config()).eval()
     src, src_mask, _, _ = batch([4, 2], [1, 1])
     with torch.no_grad():
+        nobody = model.start_decoding(src.t()[:0], src_mask.t()[:0])
+        assert nobody.memory.shape == (0, 4, 16)
         state = model.start_decoding(src.t(), src_mask.t())
         empty = model.select_rows(state, torch.zeros(0, dtype=torch.long))
         step = model.decode_step(torch.zeros(0, dtype=torch.long), empty)
