@@ -45,8 +45,10 @@ __all__ = [
     "Bleu",
     "moses_bleu",
     "moses_tokenize",
+    "print_scores",
     "read_lines",
     "sacre_bleu",
+    "score_files",
     "split_compounds",
     "tokenized_bleu",
 ]
@@ -180,6 +182,28 @@ def read_lines(path: Path) -> list[str]:
     return [line.removesuffix("\r") for line in lines]
 
 
+def score_files(hyp: Path, ref: Path, lang: str, tokenize: str = "13a") -> dict:
+    """Both scores of a hypothesis file against its reference file, as bleu.json holds them."""
+    hypotheses, references = read_lines(hyp), read_lines(ref)
+    sacre = sacre_bleu(hypotheses, references, tokenize)
+    tokenized = moses_bleu(hypotheses, references, lang)
+    return {
+        "hyp": str(hyp),
+        "ref": str(ref),
+        "lang": lang,
+        "sentences": len(hypotheses),
+        "sacrebleu": asdict(sacre),
+        "tokenized": asdict(tokenized),
+        "sacrebleu_version": sacrebleu.__version__,
+    }
+
+
+def print_scores(result: dict) -> None:
+    for name, key in (("sacreBLEU", "sacrebleu"), ("tokenized", "tokenized")):
+        print(f"{name:<10} {Bleu(**result[key]).summary()}")
+        print(f"{'':<10} {result[key]['signature']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m eval.bleu",
@@ -194,26 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write both scores to this file")
     args = parser.parse_args(argv)
     try:
-        hypotheses, references = read_lines(args.hyp), read_lines(args.ref)
-        sacre = sacre_bleu(hypotheses, references, args.tokenize)
-        tokenized = moses_bleu(hypotheses, references, args.lang)
+        result = score_files(args.hyp, args.ref, args.lang, args.tokenize)
     except (*PATH_ERRORS, UnicodeDecodeError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"sacreBLEU  {sacre.summary()}")
-    print(f"           {sacre.signature}")
-    print(f"tokenized  {tokenized.summary()}")
-    print(f"           {tokenized.signature}")
+    print_scores(result)
     if args.json is not None:
-        result = {
-            "hyp": str(args.hyp),
-            "ref": str(args.ref),
-            "lang": args.lang,
-            "sentences": len(hypotheses),
-            "sacrebleu": asdict(sacre),
-            "tokenized": asdict(tokenized),
-            "sacrebleu_version": sacrebleu.__version__,
-        }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(args.json, result)
         print(f"wrote {args.json}")
