@@ -85,9 +85,10 @@ lm1b: $(STAMP)
 # Prints the prepared folder, data/wmt14-en-<xx>-<recipe id>; a second run finds it at once.
 PAIR ?= en-de
 WMT14_DIR ?=
+WORKERS ?= $(shell nproc 2>/dev/null || echo 1)
 wmt14-data: $(STAMP)
 	$(PY) -m data_prep.wmt14 --out data --pair $(PAIR) $(if $(WMT14_DIR),--source $(WMT14_DIR)) \
-		| tail -n 1
+		--workers $(WORKERS) | tail -n 1
 
 # The generated parallel corpus (reordering, topic-dependent words; data_prep/synthetic_parallel.py)
 # for translation demos: prints its folder, data/synthetic-parallel-src-tgt-<recipe id>.

@@ -59,11 +59,12 @@ import argparse
 import dataclasses
 import gzip
 import hashlib
+import multiprocessing
 import re
 import shutil
 import sys
 import unicodedata
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import version
@@ -71,7 +72,6 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-import sentencepiece
 from sacremoses import MosesPunctNormalizer
 from tqdm import tqdm
 
@@ -401,14 +401,103 @@ def _filter_reason(n_src: int, n_tgt: int, config: ParallelConfig) -> str | None
     return None
 
 
+Columns = tuple[list[str], list[str]]  # a batch of pairs: the source lines, the target lines
+Encoded = tuple[list[list[int]], list[list[int]]]  # their wordpiece ids, without EOS
+
+
+class Encoder:
+    """Normalises and encodes batches of pairs, in this process or in a worker."""
+
+    def __init__(self, model: Path, src_lang: str, tgt_lang: str):
+        self.normalizers = (Normalizer(src_lang), Normalizer(tgt_lang))
+        self.processor = load(model)
+
+    def __call__(self, columns: Columns) -> Encoded:
+        src, tgt = (
+            self.processor.encode([normalize(text) for text in column], out_type=int)
+            for normalize, column in zip(self.normalizers, columns, strict=True)
+        )
+        return src, tgt
+
+
+_worker_encoder: Encoder | None = None  # each worker process's own
+
+
+def _start_worker(model: Path, src_lang: str, tgt_lang: str) -> None:
+    global _worker_encoder
+    _worker_encoder = Encoder(model, src_lang, tgt_lang)
+
+
+def _encode_in_worker(columns: Columns) -> Encoded:
+    return _worker_encoder(columns)
+
+
+class Encoding:
+    """Encodes a stream of batches in order, with `workers` processes (1: in this one).
+
+    At most two batches per worker are in flight, so memory stays bounded however long the
+    stream; the output is the same whatever the number of workers."""
+
+    def __init__(self, model: Path, config: ParallelConfig, workers: int):
+        self.pool = None
+        if workers > 1:
+            context = multiprocessing.get_context("spawn")  # no fork of a threaded process
+            args = (model, config.src_lang, config.tgt_lang)
+            self.pool = context.Pool(workers, initializer=_start_worker, initargs=args)
+            self.depth = 2 * workers
+        else:
+            self.encoder = Encoder(model, config.src_lang, config.tgt_lang)
+
+    def __call__(self, batches: Iterator[Columns]) -> Iterator[tuple[Columns, Encoded]]:
+        if self.pool is None:
+            for columns in batches:
+                yield columns, self.encoder(columns)
+            return
+        pending: deque = deque()
+        for columns in batches:
+            pending.append((columns, self.pool.apply_async(_encode_in_worker, (columns,))))
+            if len(pending) >= self.depth:
+                done, result = pending.popleft()
+                yield done, result.get()
+        while pending:
+            done, result = pending.popleft()
+            yield done, result.get()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+
+def _batches(pairs: list[FilePair], n_pairs: int, invalid: Counter, bar: tqdm) -> Iterator[Columns]:
+    """The decoded lines of the file pairs, `_BATCH` pairs at a time."""
+    batch: list[tuple[bytes, bytes]] = []
+    for pair in pair_lines(pairs, n_pairs):
+        batch.append(pair)
+        if len(batch) == _BATCH:
+            yield _decode_batch(batch, invalid)
+            bar.update(len(batch))
+            batch = []
+    if batch:
+        yield _decode_batch(batch, invalid)
+        bar.update(len(batch))
+
+
+def _decode_batch(batch: list[tuple[bytes, bytes]], invalid: Counter) -> Columns:
+    src, tgt = (
+        [decode(raw, invalid, side) for raw in column]
+        for side, column in zip(SIDES, zip(*batch, strict=True), strict=True)
+    )
+    return src, tgt
+
+
 def encode_split(
     folder: Path,
     split: str,
     pairs: list[FilePair],
     n_pairs: int,
     config: ParallelConfig,
-    normalizers: tuple[Normalizer, Normalizer],
-    processor: sentencepiece.SentencePieceProcessor,
+    encoding: Encoding,
     dtype: np.dtype,
     progress: bool,
 ) -> dict:
@@ -420,45 +509,24 @@ def encode_split(
     removed = Counter({reason: 0 for reason in REMOVE_REASONS}) if not is_eval else Counter()
     invalid, empty, unk = Counter(), Counter(), Counter()
     long_pairs = 0
-
-    def flush(batch: list[tuple[bytes, bytes]]) -> None:
-        nonlocal long_pairs
-        columns = zip(SIDES, zip(*batch, strict=True), strict=True)
-        texts = [[decode(raw, invalid, side) for raw in column] for side, column in columns]
-        if is_eval:
-            for raw_writer, column in zip(raw_writers, texts, strict=True):
-                for line in column:
-                    raw_writer.add(line)
-        normalised = [
-            [normalize(text) for text in column]
-            for normalize, column in zip(normalizers, texts, strict=True)
-        ]
-        encoded = [processor.encode(column, out_type=int) for column in normalised]
-        for src_ids, tgt_ids in zip(*encoded, strict=True):
-            n_src, n_tgt = len(src_ids), len(tgt_ids)
-            if is_eval:
-                empty["src"] += n_src == 0
-                empty["tgt"] += n_tgt == 0
-                long_pairs += max(n_src, n_tgt) > config.max_tokens_per_sentence
-            elif (reason := _filter_reason(n_src, n_tgt, config)) is not None:
-                removed[reason] += 1
-                continue
-            unk["src"] += src_ids.count(UNK_ID)
-            unk["tgt"] += tgt_ids.count(UNK_ID)
-            writer.add(src_ids, tgt_ids)
-
     try:
         with tqdm(total=n_pairs, unit=" pairs", desc=split, disable=not progress) as bar:
-            batch: list[tuple[bytes, bytes]] = []
-            for pair in pair_lines(pairs, n_pairs):
-                batch.append(pair)
-                if len(batch) == _BATCH:
-                    flush(batch)
-                    bar.update(len(batch))
-                    batch = []
-            if batch:
-                flush(batch)
-                bar.update(len(batch))
+            for texts, encoded in encoding(_batches(pairs, n_pairs, invalid, bar)):
+                for raw_writer, column in zip(raw_writers, texts if is_eval else (), strict=True):
+                    for line in column:
+                        raw_writer.add(line)
+                for src_ids, tgt_ids in zip(*encoded, strict=True):
+                    n_src, n_tgt = len(src_ids), len(tgt_ids)
+                    if is_eval:
+                        empty["src"] += n_src == 0
+                        empty["tgt"] += n_tgt == 0
+                        long_pairs += max(n_src, n_tgt) > config.max_tokens_per_sentence
+                    elif (reason := _filter_reason(n_src, n_tgt, config)) is not None:
+                        removed[reason] += 1
+                        continue
+                    unk["src"] += src_ids.count(UNK_ID)
+                    unk["tgt"] += tgt_ids.count(UNK_ID)
+                    writer.add(src_ids, tgt_ids)
         if writer.pairs == 0:
             raise PrepareError(
                 f"the {split} split has no pair left: all {n_pairs:,} were removed"
@@ -558,6 +626,7 @@ def prepare_parallel(
     extra_recipe: dict | None = None,
     extra_meta: dict | None = None,
     threads: int | None = None,
+    workers: int = 1,
     progress: bool = True,
 ) -> Path:
     """Build (or find up to date) `out/<name>-<src>-<tgt>-<recipe_id>/`; returns its path.
@@ -565,7 +634,9 @@ def prepare_parallel(
     corpus: the file pairs of each of train, valid and test. extra_files: per evaluation split,
     files with one line per pair (such as each sentence's topic) copied in as
     `<split>.<key>` and listed in meta["splits"][split]["extra"]. extra_recipe: more entries of
-    the recipe (what generated the text, say); extra_meta: more entries of meta.json."""
+    the recipe (what generated the text, say); extra_meta: more entries of meta.json.
+    threads: sentencepiece's training threads; workers: processes that normalise and encode
+    (the output does not depend on either)."""
     extra_files = extra_files or {}
     if set(corpus) != set(SPLITS):
         raise PrepareError(f"a corpus needs the splits {SPLITS}, got {sorted(corpus)}")
@@ -597,12 +668,13 @@ def prepare_parallel(
             config,
             corpus,
             counts,
-            recipe,
-            rid,
-            extra_files,
-            extra_meta or {},
-            threads,
-            progress,
+            recipe=recipe,
+            rid=rid,
+            extra_files=extra_files,
+            extra_meta=extra_meta or {},
+            threads=threads,
+            workers=workers,
+            progress=progress,
         )
         shutil.rmtree(folder, ignore_errors=True)  # an incomplete or damaged earlier copy
         tmp.rename(folder)
@@ -617,13 +689,16 @@ def _build(
     config: ParallelConfig,
     corpus: Corpus,
     counts: dict[str, list[int]],
+    *,
     recipe: dict,
     rid: str,
     extra_files: dict[str, dict[str, Path]],
     extra_meta: dict,
     threads: int | None,
+    workers: int,
     progress: bool,
 ) -> None:
+    """Write every file of the dataset into `tmp`, meta.json last."""
     normalizers = (Normalizer(config.src_lang), Normalizer(config.tgt_lang))
     n_pairs = {split: sum(counts[split]) for split in SPLITS}
     if config.max_train_pairs is not None:
@@ -635,8 +710,7 @@ def _build(
     )
     model = train_wordpieces(sample, tmp, config.wordpieces, threads)
     sample.unlink()
-    processor = load(model)
-    vocab_size = processor.get_piece_size()
+    vocab_size = load(model).get_piece_size()
     dtype = token_dtype(vocab_size)
     print(
         f"{config.name}: {vocab_size:,} wordpieces ({config.wordpieces.model_type}) from"
@@ -645,18 +719,15 @@ def _build(
     )
 
     splits = {}
-    for split in SPLITS:
-        splits[split] = encode_split(
-            tmp,
-            split,
-            corpus[split],
-            n_pairs[split],
-            config,
-            normalizers,
-            processor,
-            dtype,
-            progress,
-        )
+    encoding = Encoding(model, config, workers)
+    try:
+        for split in SPLITS:
+            splits[split] = encode_split(
+                tmp, split, corpus[split], n_pairs[split], config, encoding, dtype, progress
+            )
+    finally:
+        encoding.close()
+    for split in EVAL_SPLITS:
         for key, path in extra_files.get(split, {}).items():
             lines = count_lines(path)
             if lines != splits[split]["pairs"]:
@@ -786,6 +857,13 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         help="sentencepiece training threads (default: the CPU count, at most 16)",
     )
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes that normalise and encode the text (default 1; the output is the same"
+        " for any number)",
+    )
+    parser.add_argument(
         "--no-progress", action="store_true", help="no progress bars (they go to stderr)"
     )
 
@@ -856,8 +934,15 @@ def main(argv: list[str] | None = None) -> int:
             split: [prefix_pair(p, args.src, args.tgt) for p in getattr(args, f"{split}_prefix")]
             for split in SPLITS
         }
+        if args.workers < 1:
+            raise PrepareError(f"--workers must be >= 1, got {args.workers}")
         folder = prepare_parallel(
-            config, corpus, args.out, threads=args.threads, progress=not args.no_progress
+            config,
+            corpus,
+            args.out,
+            threads=args.threads,
+            workers=args.workers,
+            progress=not args.no_progress,
         )
     except (PrepareError, VocabularyError, ValueError, *PATH_ERRORS) as error:  # bad input
         print(f"error: {error}", file=sys.stderr)

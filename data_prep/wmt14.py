@@ -498,11 +498,16 @@ def prepare_wmt14(
     url_base: str = URL_BASE,
     archives: dict[str, Archive] | None = None,
     threads: int | None = None,
+    workers: int = 1,
     progress: bool = True,
 ) -> Path:
     """Fetch the pair's files (find_corpus) and build `out/<name>-en-<xx>-<recipe_id>/`."""
+    if workers < 1:
+        raise PrepareError(f"--workers must be >= 1, got {workers}")
     corpus = find_corpus(pair, source, cache, url_base, archives, progress)
-    return prepare_parallel(config, corpus, out, threads=threads, progress=progress)
+    return prepare_parallel(
+        config, corpus, out, threads=threads, workers=workers, progress=progress
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -517,6 +522,7 @@ def main(argv: list[str] | None = None) -> int:
             cache=args.cache,
             url_base=args.url_base,
             threads=args.threads,
+            workers=args.workers,
             progress=not args.no_progress,
         )
     except (PrepareError, VocabularyError, ValueError, *PATH_ERRORS) as error:  # bad input

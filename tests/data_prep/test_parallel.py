@@ -433,3 +433,13 @@ def test_multi30k_command_line(tmp_path, capsys):
     )
     assert json.loads((folder / "meta.json").read_text())["recipe"]["max_train_pairs"] == 3000
     assert np.dtype(meta["dtype"]) == np.uint16
+
+
+def test_worker_processes_give_the_same_folder(corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr(parallel, "_BATCH", 64)  # several batches in flight per worker
+    one = prepare_parallel(_config(), corpus, tmp_path / "one", progress=False)
+    two = prepare_parallel(_config(), corpus, tmp_path / "two", workers=2, progress=False)
+    assert one.name == two.name
+    for path in sorted(one.iterdir()):
+        if path.suffix in (".bin", ".idx", ".en", ".de"):
+            assert (two / path.name).read_bytes() == path.read_bytes(), path.name
