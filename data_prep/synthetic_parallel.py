@@ -174,13 +174,17 @@ def _words(rng: random.Random, n: int, letters: tuple[str, str], syllables: tupl
     """n new distinct words of `syllables` consonant-vowel syllables (added to `taken`)."""
     consonants, vowels = letters
     words: list[str] = []
-    while len(words) < n:
+    for _ in range(100 * n + 10_000):  # a bound, for word counts the syllables cannot give
+        if len(words) == n:
+            return words
         k = rng.randint(*syllables)
         word = "".join(rng.choice(consonants) + rng.choice(vowels) for _ in range(k))
         if word not in taken:
             taken.add(word)
             words.append(word)
-    return words
+    if len(words) == n:
+        return words
+    raise ValueError(f"cannot make {n} distinct words of {syllables} syllables: ask for fewer")
 
 
 def build_lexicon(config: SyntheticParallelConfig, rng: random.Random) -> Lexicon:

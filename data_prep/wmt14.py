@@ -20,8 +20,8 @@ pairs, sacreBLEU's `wmt14/full`). The member files of each archive:
                                                             test-full/newstest2014-xxen-ref.xx.sgm
 
 (`ARCHIVES` and `MEMBERS` below are this table.) The test sets are SGML: the text of each `<seg>`
-line, stripped, its whitespace runs collapsed to one space, as sacreBLEU reads them, so the
-references kept in the folder are sacreBLEU's.
+line, stripped, its whitespace runs collapsed to one space, as sacreBLEU reads them (written to
+`<cache>/wmt14-newstest2014/`), so the references kept in the folder are sacreBLEU's.
 
 Where the files come from
   * `--source DIR`, a local copy in the official layout: each member is looked for at
@@ -268,8 +268,10 @@ def extract_members(archive: Path, names: set[str], dest: Path, progress: bool =
 
 
 def _extracted(dest: Path) -> set[str]:
+    """The members listed in an extraction folder that are still there."""
     path = Path(dest) / _EXTRACTED
-    return set(read_json(path)["members"]) if path.is_file() else set()
+    listed = read_json(path)["members"] if path.is_file() else []
+    return {name for name in listed if (Path(dest) / name).is_file()}
 
 
 class _Progress:

@@ -26,6 +26,7 @@ the recipe (and the folder name derived from it) says.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from lstm_moe.files import BOS_ID, EOS_ID, UNK_ID
+from lstm_moe.files import BOS_ID, EOS_ID, UNK_ID, write_text_atomic
 
 MODEL_TYPES = ("bpe", "unigram")
 MODEL_FILE = "spm.model"
@@ -68,24 +69,27 @@ def train_wordpieces(
     """Train the model on `sample` (one sentence per line, both languages) and write
     `folder/spm.model` and `folder/vocab.txt` (`piece<TAB>score` per id). Returns the model path.
 
-    Raises VocabularyError when the text supports fewer pieces than `config.vocab_size`."""
+    The sentences are streamed to the trainer and the model comes back as bytes, so the model
+    records no path: the same sample gives the same file wherever it is trained. Raises
+    VocabularyError when the text supports fewer pieces than `config.vocab_size`."""
     folder = Path(folder)
-    prefix = folder / "spm"
+    model = io.BytesIO()
     try:
-        spm.SentencePieceTrainer.train(
-            input=str(sample),
-            model_prefix=str(prefix),
-            vocab_size=config.vocab_size,
-            model_type=config.model_type,
-            character_coverage=config.character_coverage,
-            bos_id=BOS_ID,
-            eos_id=EOS_ID,
-            unk_id=UNK_ID,
-            pad_id=-1,
-            input_sentence_size=0,  # the sample is already bounded: use all of it
-            num_threads=threads or min(16, os.cpu_count() or 1),
-            minloglevel=2,  # its progress log is long; errors still raise
-        )
+        with open(sample, encoding="utf-8") as lines:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=(line.rstrip("\n") for line in lines),
+                model_writer=model,
+                vocab_size=config.vocab_size,
+                model_type=config.model_type,
+                character_coverage=config.character_coverage,
+                bos_id=BOS_ID,
+                eos_id=EOS_ID,
+                unk_id=UNK_ID,
+                pad_id=-1,
+                input_sentence_size=0,  # the sample is already bounded: use all of it
+                num_threads=threads or min(16, os.cpu_count() or 1),
+                minloglevel=2,  # its progress log is long; errors still raise
+            )
     except RuntimeError as error:
         match = _TOO_HIGH.search(str(error))
         if match:
@@ -95,9 +99,17 @@ def train_wordpieces(
                 f" {match.group(2)} or less"
             ) from None
         raise VocabularyError(f"sentencepiece training failed: {error}") from None
-    # spm.vocab holds `piece<TAB>score` per id: the human-readable vocabulary of the format.
-    prefix.with_suffix(".vocab").replace(folder / VOCAB_FILE)
-    return prefix.with_suffix(".model")
+    path = folder / MODEL_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(model.getvalue())
+    tmp.replace(path)
+    processor = load(path)
+    pieces = range(processor.get_piece_size())
+    write_text_atomic(
+        folder / VOCAB_FILE,
+        "".join(f"{processor.id_to_piece(i)}\t{processor.get_score(i):g}\n" for i in pieces),
+    )
+    return path
 
 
 def load(model: Path) -> spm.SentencePieceProcessor:

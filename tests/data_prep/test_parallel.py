@@ -320,11 +320,12 @@ def test_vocabulary_sample_is_bounded_and_seeded(corpus, tmp_path):
         "of_pairs": 305,
         "sentences": {"src": 100, "tgt": 100},
     }
-    # The same pieces and ids (spm.model itself also records the paths it was trained from).
-    assert (one / "vocab.txt").read_bytes() == (two / "vocab.txt").read_bytes()
+    # The same model wherever it is trained, so the same ids.
+    assert (one / "spm.model").read_bytes() == (two / "spm.model").read_bytes()
+    assert read_parallel_meta(one)["vocab"] == read_parallel_meta(two)["vocab"]
     assert (one / "train.src.bin").read_bytes() == (two / "train.src.bin").read_bytes()
     assert one.name == two.name and other.name != one.name
-    assert (other / "vocab.txt").read_bytes() != (one / "vocab.txt").read_bytes()
+    assert (other / "spm.model").read_bytes() != (one / "spm.model").read_bytes()
 
 
 # --------------------------------------------------------------------------- the folder
