@@ -34,10 +34,10 @@ Filtering, of the training split only (valid and test are scored: every pair sta
     1.5 by default.
 A pair is counted under the first reason that applies. The defaults are those of fairseq's
 WMT'14 recipes (examples/translation/prepare-wmt14en2de.sh), which run Moses
-clean-corpus-n.perl with `-ratio 1.5` and lengths 1 to 250 on BPE tokens; clean-corpus-n's own
-default, ratio 9, is meant for words, whose counts vary far more between languages than
-wordpiece counts do. In the evaluation splits an empty line stays a pair (an empty side is
-just EOS) and over-long pairs are kept, their number reported (`long_pairs`).
+clean-corpus-n.perl with `-ratio 1.5` and lengths 1 to 250 on BPE tokens, the common practice
+for subword units; clean-corpus-n's own default ratio, 9, is a loose bound set for words. In
+the evaluation splits an empty line stays a pair (an empty side is just EOS) and over-long
+pairs are kept, their number reported (`long_pairs`).
 
 Output. The folder `OUT/<name>-<src>-<tgt>-<recipe_id>/` (lstm_moe.pairs lists its files), built
 in `<folder>.tmp/` and renamed when complete; within it, the binary files are written under
@@ -64,6 +64,7 @@ import re
 import shutil
 import sys
 import unicodedata
+import zlib
 from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -182,10 +183,13 @@ def count_lines(path: Path) -> int:
     """Lines of a file as `raw_lines` yields them: its b"\\n" count, plus one for a last line
     without a newline."""
     n, last = 0, b"\n"
-    with _open(path) as f:
-        while block := f.read(_BLOCK):
-            n += block.count(b"\n")
-            last = block[-1:]
+    try:
+        with _open(path) as f:
+            while block := f.read(_BLOCK):
+                n += block.count(b"\n")
+                last = block[-1:]
+    except (gzip.BadGzipFile, EOFError, zlib.error) as error:  # read fully here first
+        raise PrepareError(f"{path} is not a complete gzip file ({error})") from None
     return n + (last != b"\n")
 
 

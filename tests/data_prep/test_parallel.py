@@ -299,6 +299,10 @@ def test_max_train_pairs_and_gzipped_files(corpus, tmp_path):
     plain.write_bytes(corpus["train"][0].src.read_bytes())
     pair = parallel.prefix_pair(gz.parent / "train", "en", "de")
     assert pair == FilePair(plain, gz)
+    truncated = gz.with_name("cut.de.gz")
+    truncated.write_bytes(gz.read_bytes()[:-20])
+    with pytest.raises(parallel.PrepareError, match=r"cut\.de\.gz is not a complete gzip file"):
+        parallel.count_lines(truncated)
     corpus["train"] = [pair]
     folder = prepare_parallel(
         _config(max_train_pairs=120), corpus, tmp_path / "out", progress=False
