@@ -629,7 +629,6 @@ def prepare_parallel(
     extra_files: dict[str, dict[str, Path]] | None = None,
     extra_recipe: dict | None = None,
     extra_meta: dict | None = None,
-    threads: int | None = None,
     workers: int = 1,
     progress: bool = True,
 ) -> Path:
@@ -639,8 +638,7 @@ def prepare_parallel(
     files with one line per pair (such as each sentence's topic) copied in as
     `<split>.<key>` and listed in meta["splits"][split]["extra"]. extra_recipe: more entries of
     the recipe (what generated the text, say); extra_meta: more entries of meta.json.
-    threads: sentencepiece's training threads; workers: processes that normalise and encode
-    (the output does not depend on either)."""
+    workers: processes that normalise and encode (the output does not depend on it)."""
     extra_files = extra_files or {}
     if set(corpus) != set(SPLITS):
         raise PrepareError(f"a corpus needs the splits {SPLITS}, got {sorted(corpus)}")
@@ -676,7 +674,6 @@ def prepare_parallel(
             rid=rid,
             extra_files=extra_files,
             extra_meta=extra_meta or {},
-            threads=threads,
             workers=workers,
             progress=progress,
         )
@@ -698,7 +695,6 @@ def _build(
     rid: str,
     extra_files: dict[str, dict[str, Path]],
     extra_meta: dict,
-    threads: int | None,
     workers: int,
     progress: bool,
 ) -> None:
@@ -712,7 +708,7 @@ def _build(
     trained_on = write_vocab_sample(
         corpus["train"], n_pairs["train"], config, normalizers, sample, progress
     )
-    model = train_wordpieces(sample, tmp, config.wordpieces, threads)
+    model = train_wordpieces(sample, tmp, config.wordpieces)
     sample.unlink()
     vocab_size = load(model).get_piece_size()
     dtype = token_dtype(vocab_size)
@@ -799,7 +795,7 @@ def _build(
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ParallelConfig (and threads, progress), shared with data_prep.wmt14."""
+    """The options of ParallelConfig (and workers, progress), shared with data_prep.wmt14."""
     defaults = ParallelConfig("x", "a", "b")
     pieces = defaults.wordpieces
     parser.add_argument(
@@ -853,12 +849,6 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="N",
         help="read only the first N training pairs (default: all)",
-    )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="sentencepiece training threads (default: the CPU count, at most 16)",
     )
     parser.add_argument(
         "--workers",
@@ -944,7 +934,6 @@ def main(argv: list[str] | None = None) -> int:
             config,
             corpus,
             args.out,
-            threads=args.threads,
             workers=args.workers,
             progress=not args.no_progress,
         )

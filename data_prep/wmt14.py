@@ -499,7 +499,6 @@ def prepare_wmt14(
     cache: Path = Path("data/downloads"),
     url_base: str = URL_BASE,
     archives: dict[str, Archive] | None = None,
-    threads: int | None = None,
     workers: int = 1,
     progress: bool = True,
 ) -> Path:
@@ -507,9 +506,7 @@ def prepare_wmt14(
     if workers < 1:
         raise PrepareError(f"--workers must be >= 1, got {workers}")
     corpus = find_corpus(pair, source, cache, url_base, archives, progress)
-    return prepare_parallel(
-        config, corpus, out, threads=threads, workers=workers, progress=progress
-    )
+    return prepare_parallel(config, corpus, out, workers=workers, progress=progress)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -523,7 +520,6 @@ def main(argv: list[str] | None = None) -> int:
             source=args.source,
             cache=args.cache,
             url_base=args.url_base,
-            threads=args.threads,
             workers=args.workers,
             progress=not args.no_progress,
         )

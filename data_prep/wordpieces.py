@@ -27,7 +27,6 @@ the recipe (and the folder name derived from it) says.
 from __future__ import annotations
 
 import io
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ from lstm_moe.files import BOS_ID, EOS_ID, UNK_ID, write_text_atomic
 MODEL_TYPES = ("bpe", "unigram")
 MODEL_FILE = "spm.model"
 VOCAB_FILE = "vocab.txt"
+TRAINING_THREADS = 16  # sentencepiece's default; fixed, whatever the machine (train_wordpieces)
 _TOO_HIGH = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)")
 
 
@@ -63,14 +63,14 @@ class WordpieceConfig:
             )
 
 
-def train_wordpieces(
-    sample: Path, folder: Path, config: WordpieceConfig, threads: int | None = None
-) -> Path:
+def train_wordpieces(sample: Path, folder: Path, config: WordpieceConfig) -> Path:
     """Train the model on `sample` (one sentence per line, both languages) and write
     `folder/spm.model` and `folder/vocab.txt` (`piece<TAB>score` per id). Returns the model path.
 
     The sentences are streamed to the trainer and the model comes back as bytes, so the model
-    records no path: the same sample gives the same file wherever it is trained. Raises
+    records no path, and the trainer always runs TRAINING_THREADS threads (unigram's scores
+    depend on their number, and the model records it): the same sample gives the same file on
+    every machine. Raises
     VocabularyError when the text supports fewer pieces than `config.vocab_size`."""
     folder = Path(folder)
     model = io.BytesIO()
@@ -87,7 +87,7 @@ def train_wordpieces(
                 unk_id=UNK_ID,
                 pad_id=-1,
                 input_sentence_size=0,  # the sample is already bounded: use all of it
-                num_threads=threads or min(16, os.cpu_count() or 1),
+                num_threads=TRAINING_THREADS,
                 minloglevel=2,  # its progress log is long; errors still raise
             )
     except RuntimeError as error:

@@ -3,6 +3,7 @@ alignment errors, the training filters, evaluation splits kept whole, meta.json 
 
 Every corpus is written here; the Multi30k run uses ../shared when it is present."""
 
+import dataclasses
 import json
 import random
 import re
@@ -448,3 +449,11 @@ def test_worker_processes_give_the_same_folder(corpus, tmp_path, monkeypatch):
     for path in sorted(one.iterdir()):
         if path.suffix in (".bin", ".idx", ".en", ".de"):
             assert (two / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+def test_unigram_model(corpus, tmp_path):
+    config = dataclasses.replace(_config(), wordpieces=WordpieceConfig(60, "unigram"))
+    folder = prepare_parallel(config, corpus, tmp_path / "out", progress=False)
+    meta = read_parallel_meta(folder)
+    assert meta["vocab"]["model_type"] == "unigram" and meta["vocab"]["size"] == 60
+    assert read_pairs(folder, "test").pair(0)[0][-1] == EOS_ID
