@@ -13,7 +13,7 @@ NPROC ?= 1
 TRAIN = $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone \
 	--nproc_per_node=$(NPROC) -m lstm_moe.train --,$(PY) -m lstm_moe.train)
 
-.PHONY: setup test lint format bench bench-parallel demo lm1b clean-venv
+.PHONY: setup test lint format bench bench-parallel demo lm1b wmt14-data synthetic-parallel-data clean-venv
 
 setup: $(STAMP)
 
@@ -80,6 +80,20 @@ lm1b: $(STAMP)
 			--max_tokens=$(MAX_TOKENS) $(TRAIN_ARGS); \
 	fi
 	$(PY) -m eval.perplexity $(LM1B_RUN)
+
+# --- WMT'14 (§5.3): prepare En-De or En-Fr (download, or WMT14_DIR: the archives or their trees) -
+# Prints the prepared folder, data/wmt14-en-<xx>-<recipe id>; a second run finds it at once.
+PAIR ?= en-de
+WMT14_DIR ?=
+WORKERS ?= $(shell nproc 2>/dev/null || echo 1)
+wmt14-data: $(STAMP)
+	$(PY) -m data_prep.wmt14 --out data --pair $(PAIR) $(if $(WMT14_DIR),--source $(WMT14_DIR)) \
+		--workers $(WORKERS) | tail -n 1
+
+# The generated parallel corpus (reordering, topic-dependent words; data_prep/synthetic_parallel.py)
+# for translation demos: prints its folder, data/synthetic-parallel-src-tgt-<recipe id>.
+synthetic-parallel-data: $(STAMP)
+	$(PY) -m data_prep.synthetic_parallel --out data --preset demo | tail -n 1
 
 clean-venv:
 	rm -rf $(VENV)
