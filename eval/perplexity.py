@@ -1,11 +1,15 @@
-"""Per-word perplexity of a trained language model, with the routing statistics of its MoE
-layers over the same text.
+"""Per-word perplexity of a trained language model (or per-target-token perplexity of a
+translation model), with the routing statistics of its MoE layers over the same text.
 
 Perplexity is exp(Σ -log p(target) / N) over every target of the split, where N counts each
 word plus one `</S>` per sentence: "sum over all words including the end of sentence symbol"
 (Shazeer et al. 2017, §5.1, following Jozefowicz et al. 2016). It always uses the exact full
 softmax, whatever the model trained with; the computation is the language-model task's
 (lstm_moe.tasks.lm.evaluate), which validation during training runs too.
+
+A translation run (config.json's task "translation") is scored the same way on its split's
+pairs, teacher-forced: every target word piece and one EOS per sentence are the targets
+(lstm_moe.tasks.translation.evaluate_pairs, which its validation runs too).
 
     python -m eval.perplexity runs/NAME [--split test]   # writes runs/NAME/eval/perplexity.json
 """
@@ -18,9 +22,18 @@ import time
 from pathlib import Path
 
 from lstm_moe.data import LaneBatches
-from lstm_moe.files import EOS_ID, read_split, write_json_atomic
+from lstm_moe.files import EOS_ID, PATH_ERRORS, read_json, read_split, write_json_atomic
+from lstm_moe.pairs import read_pairs
 from lstm_moe.runtime import resolve_device
-from lstm_moe.tasks.lm import evaluate, load_trained_model
+from lstm_moe.tasks import lm, translation
+
+
+def run_task(run: Path) -> str:
+    """The task a run folder trained ("lm" when config.json predates the field)."""
+    config_path = Path(run) / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found: is {run} a training run?")
+    return read_json(config_path).get("task", "lm")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,27 +43,44 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("run", type=Path, help="run folder written by lstm_moe.train")
     parser.add_argument("--split", default="test", help="split of the run's dataset (test)")
-    parser.add_argument("--batch_size", type=int, default=16, help="parallel lanes")
-    parser.add_argument("--bptt", type=int, default=50, help="time steps per window")
+    parser.add_argument(
+        "--batch_size", type=int, default=16, help="parallel lanes (sentence pairs: 64)"
+    )
+    parser.add_argument("--bptt", type=int, default=50, help="time steps per window (LM)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     try:
-        model, data_dir, meta, run_config, step, tokens_trained = load_trained_model(
-            args.run, device
-        )
-        ids = read_split(data_dir, args.split, meta)
-        batches = LaneBatches(ids, args.batch_size, args.bptt, EOS_ID, keep_remainder=True)
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as error:
+        task = run_task(args.run)
+        if task == translation.TranslationTask.name:
+            model, data_dir, meta, run_config, step, tokens_trained = (
+                translation.load_trained_model(args.run, device)
+            )
+            pairs = read_pairs(data_dir, args.split, meta)
+            split_tokens = meta["splits"][args.split]["tgt_tokens"]
+        else:
+            model, data_dir, meta, run_config, step, tokens_trained = lm.load_trained_model(
+                args.run, device
+            )
+            ids = read_split(data_dir, args.split, meta)
+            batches = LaneBatches(ids, args.batch_size, args.bptt, EOS_ID, keep_remainder=True)
+            split_tokens = meta["splits"][args.split]["tokens"]
+    except (*PATH_ERRORS, ValueError, KeyError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     start = time.perf_counter()
     # Always float32: the reported perplexity is the exact one, whatever training used.
-    result = evaluate(model, batches, device, progress=sys.stderr.isatty())
+    progress = sys.stderr.isatty()
+    if task == translation.TranslationTask.name:
+        batch_size = 64 if args.batch_size == parser.get_default("batch_size") else args.batch_size
+        result = translation.evaluate_pairs(model, pairs, device, batch_size, progress=progress)
+    else:
+        result = lm.evaluate(model, batches, device, progress=progress)
     result.update(
         {
             "split": args.split,
-            "split_tokens_in_meta": meta["splits"][args.split]["tokens"],
+            "task": task,
+            "split_tokens_in_meta": split_tokens,
             "dataset": run_config["data"],
             "step": step,
             "tokens_trained": tokens_trained,

@@ -1,12 +1,15 @@
-"""Side-by-side report of trained language models: a table, a plot of validation perplexity
-against training tokens, and a machine-readable summary. It reads only run folders (their
-config.json, metrics.jsonl and eval/perplexity.json), never the models.
+"""Side-by-side report of trained models: a table, a plot of validation perplexity against
+training tokens, and a machine-readable summary. It reads only run folders (their
+config.json, metrics.jsonl, eval/perplexity.json and, for translation, eval/bleu.json),
+never the models.
 
     python -m eval.report runs/demo/dense runs/demo/moe --out runs/demo --title "..."
 
-writes OUT/report.md, OUT/valid_perplexity.png and OUT/summary.json. A run folder that is
-missing, incomplete or malformed, or runs evaluated on different data, are one `error: ...`
-line and exit status 2.
+writes OUT/report.md, OUT/valid_perplexity.png and OUT/summary.json. Runs of several tasks
+(language models and translation models) get a section each, compared within their task, with
+a plot each (valid_perplexity-<task>.png). A run folder that is missing, incomplete or
+malformed, or runs of one task evaluated on different data, are one `error: ...` line and exit
+status 2.
 """
 
 from __future__ import annotations
@@ -41,17 +44,29 @@ def read_run(run: Path) -> dict:
             f"{evaluation_path} not found: run `python -m eval.perplexity {run}` first"
         )
     evaluation = read_json(evaluation_path)
+    task = config.get("task", "lm")
+    bleu = None
+    if task == "translation":
+        bleu_path = run / "eval" / "bleu.json"
+        if not bleu_path.is_file():
+            raise FileNotFoundError(
+                f"{bleu_path} not found: run `python -m eval.translate {run}` first"
+            )
+        bleu = read_json(bleu_path)
     train = [m for m in metrics if m["kind"] == "train"]
     valid = [m for m in metrics if m["kind"] == "valid"]
     last = train[-1] if train else {}
     model = config["model"]
+    ops = config["ops_per_timestep"]
     return {
         "name": run.name,
         "run": str(run),
+        "task": task,
         "preset": config.get("preset"),
-        "layers": "-".join(model["layers"]),
+        "layers": _describe_layers(model),
         "moe": _describe_moe(model),
-        "ops_per_timestep": config["ops_per_timestep"],
+        # A translation model counts an encoder and a decoder position (lstm_moe.nmt).
+        "ops_per_timestep": ops["total"] if isinstance(ops, dict) else ops,
         "params_excl_embedding_softmax": config["params_excl_embedding_softmax"],
         "total_params": config["total_params"],
         "tokens_trained": evaluation["tokens_trained"],
@@ -65,12 +80,17 @@ def read_run(run: Path) -> dict:
             for layer in evaluation["moe_layers"]
         ],
         "entropy_floor": evaluation.get("entropy_floor"),
-        # What the test perplexity was measured on: runs are compared only if these agree.
+        "sacrebleu": bleu["sacrebleu"]["score"] if bleu else None,
+        "sacrebleu_signature": bleu["sacrebleu"]["signature"] if bleu else None,
+        "tokenized_bleu": bleu["tokenized"]["score"] if bleu else None,
+        # What the test scores were measured on: runs are compared only if these agree.
         "evaluated_on": {
+            "task": task,
             "recipe_id": config["data"].get("recipe_id"),
             "vocab_sha256": config["data"].get("vocab_sha256"),
             "split": evaluation.get("split"),
             "tokens": evaluation["tokens"],
+            **({"bleu_sentences": bleu["sentences"]} if bleu else {}),
         },
     }
 
@@ -86,8 +106,15 @@ def check_comparable(rows: list[dict]) -> None:
             )
 
 
+def _describe_layers(model: dict) -> str:
+    if "layers" in model:
+        return "-".join(model["layers"])
+    return "enc " + "-".join(model["encoder_layers"]) + ", dec " + "-".join(model["decoder_layers"])
+
+
 def _describe_moe(model: dict) -> str:
-    if "moe" not in model["layers"]:
+    layers = model.get("layers") or (*model["encoder_layers"], *model["decoder_layers"])
+    if "moe" not in layers:
         return "-"
     model = model["moe"]  # the MoE layer's config
     text = f"{model['n_experts']} experts × {model['expert_hidden']}, k={model['k']}"
@@ -105,20 +132,34 @@ def _fmt(value, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
-def markdown(rows: list[dict], title: str, floor: dict | None) -> str:
-    lines = [f"# {title}", ""]
+TASK_TITLES = {"lm": "Language models", "translation": "Translation models"}
+
+
+def markdown(rows: list[dict], title: str, floor: dict | None, plot_name: str, level: int) -> str:
+    lines = [f"{'#' * level} {title}", ""]
+    translation = rows[0]["task"] == "translation"
+    bleu_head = " sacreBLEU | tok. BLEU |" if translation else ""
     lines += [
         "| model | layers | MoE | ops/timestep | params excl. emb./softmax | total params "
-        "| tokens trained | wall s | tokens/s | test ppl |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| tokens trained | wall s | tokens/s | test ppl |{bleu_head}",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if translation else ""),
     ]
     for r in rows:
+        bleu = f" **{r['sacrebleu']:.2f}** | {r['tokenized_bleu']:.2f} |" if translation else ""
         lines.append(
             f"| {r['name']} | {r['layers']} | {r['moe']} | {r['ops_per_timestep'] / 1e6:.3f}M "
             f"| {r['params_excl_embedding_softmax'] / 1e6:.2f}M | {r['total_params'] / 1e6:.2f}M "
             f"| {r['tokens_trained']:,} | {_fmt(r['wall_seconds'], '.0f')} "
-            f"| {_fmt(r['tokens_per_s'], ',.0f')} | **{r['test_perplexity']:.2f}** |"
+            f"| {_fmt(r['tokens_per_s'], ',.0f')} | {r['test_perplexity']:.2f} |{bleu}"
         )
+    if translation:
+        lines += [
+            "",
+            "Translation: ops/timestep are an encoder plus a decoder position, softmax "
+            "included; tokens are target word pieces; perplexity is per target word piece "
+            "(teacher-forced); BLEU of beam search on the test split, sacreBLEU "
+            f"`{rows[0]['sacrebleu_signature']}`, and Moses-tokenized BLEU as the paper reports.",
+        ]
     if floor:
         lines += [
             "",
@@ -145,7 +186,7 @@ def markdown(rows: list[dict], title: str, floor: dict | None) -> str:
                 f"| {name} | {i} | {m['cv_load']:.3f} | {m['cv_importance']:.3f} "
                 f"| {m['max_over_mean_load']:.2f} | {m['unused_experts']} |"
             )
-    lines += ["", "![validation perplexity against training tokens](valid_perplexity.png)", ""]
+    lines += ["", f"![validation perplexity against training tokens]({plot_name})", ""]
     return "\n".join(lines)
 
 
@@ -191,22 +232,44 @@ def write_report(runs: list[Path], out: Path, title: str) -> dict:
                 f"{run}: config.json, metrics.jsonl or eval/perplexity.json has no field"
                 f" {error}; was the run written by another version of the code?"
             ) from None
-    check_comparable(rows)
-    floor = next((r["entropy_floor"] for r in rows if r["entropy_floor"]), None)
+    tasks = list(dict.fromkeys(r["task"] for r in rows))  # in the order given
+    groups = {task: [r for r in rows if r["task"] == task] for task in tasks}
+    for group in groups.values():
+        check_comparable(group)
     out.mkdir(parents=True, exist_ok=True)
-    best = min(rows, key=lambda r: r["test_perplexity"])
-    plot(rows, floor, out / "valid_perplexity.png.tmp", title)
-    (out / "valid_perplexity.png.tmp").replace(out / "valid_perplexity.png")
-    text = markdown(rows, title, floor)
-    text += f"\nLowest test perplexity: **{best['name']}** ({best['test_perplexity']:.2f}).\n"
-    write_text_atomic(out / "report.md", text)
+    sections, best = [], {}
+    for task, group in groups.items():
+        floor = next((r["entropy_floor"] for r in group if r["entropy_floor"]), None)
+        plot_name = "valid_perplexity.png" if len(groups) == 1 else f"valid_perplexity-{task}.png"
+        section_title = title if len(groups) == 1 else TASK_TITLES.get(task, task)
+        plot(group, floor, out / (plot_name + ".tmp"), section_title)
+        (out / (plot_name + ".tmp")).replace(out / plot_name)
+        text = markdown(group, section_title, floor, plot_name, 1 if len(groups) == 1 else 2)
+        if task == "translation":
+            winner = max(group, key=lambda r: r["sacrebleu"])
+            text += f"\nHighest sacreBLEU: **{winner['name']}** ({winner['sacrebleu']:.2f}).\n"
+        else:
+            winner = min(group, key=lambda r: r["test_perplexity"])
+            text += (
+                f"\nLowest test perplexity: **{winner['name']}** "
+                f"({winner['test_perplexity']:.2f}).\n"
+            )
+        best[task] = winner["name"]
+        sections.append(text)
+    if len(groups) > 1:
+        sections.insert(0, f"# {title}\n")
+    write_text_atomic(out / "report.md", "\n".join(sections))
+    floors = [r["entropy_floor"] for r in rows if r["entropy_floor"]]
     summary = {
         "title": title,
-        "entropy_floor_perplexity": floor["perplexity"] if floor else None,
+        "entropy_floor_perplexity": floors[0]["perplexity"] if floors else None,
         "models": [
             {
                 "name": r["name"],
+                "task": r["task"],
                 "test_perplexity": r["test_perplexity"],
+                "sacrebleu": r["sacrebleu"],
+                "tokenized_bleu": r["tokenized_bleu"],
                 "tokens_trained": r["tokens_trained"],
                 "ops_per_timestep": r["ops_per_timestep"],
                 "params_excl_embedding_softmax": r["params_excl_embedding_softmax"],
@@ -217,8 +280,14 @@ def write_report(runs: list[Path], out: Path, title: str) -> dict:
             }
             for r in rows
         ],
+        "plots": [
+            "valid_perplexity.png" if len(groups) == 1 else f"valid_perplexity-{t}.png"
+            for t in groups
+        ],
     }
-    summary["best"] = best["name"]
+    # The best run of the first task (the only one in a one-task report), and of each task.
+    summary["best"] = best[tasks[0]]
+    summary["best_by_task"] = best
     write_json_atomic(out / "summary.json", summary)  # written last
     return summary
 
@@ -229,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("runs", nargs="+", type=Path, help="evaluated run folders")
     parser.add_argument("--out", type=Path, required=True, help="folder for the report")
-    parser.add_argument("--title", default="Language models compared")
+    parser.add_argument("--title", default="Models compared")
     args = parser.parse_args(argv)
     try:
         summary = write_report(args.runs, args.out, args.title)
@@ -240,10 +309,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     for model in summary["models"]:
-        print(f"{model['name']:>12}: test perplexity {model['test_perplexity']:.2f}")
+        bleu = f", sacreBLEU {model['sacrebleu']:.2f}" if model["sacrebleu"] is not None else ""
+        print(f"{model['name']:>12}: test perplexity {model['test_perplexity']:.2f}{bleu}")
     if summary["entropy_floor_perplexity"]:
         print(f"{'floor':>12}: {summary['entropy_floor_perplexity']:.2f}")
-    written = ("report.md", "valid_perplexity.png", "summary.json")
+    written = ("report.md", *summary["plots"], "summary.json")
     print("wrote " + ", ".join(str(args.out / name) for name in written))
     return 0
 

@@ -76,9 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     group = join_ranks(device, timeout_s=600.0)
     try:
         try:
-            model, data_dir, meta, _, step, tokens = load_trained_model(
-                args.run, device, group
-            )
+            model, data_dir, meta, _, step, tokens = load_trained_model(args.run, device, group)
             split = read_pairs(data_dir, args.split, meta)
             entry = meta["splits"][args.split]
             processor = sentencepiece.SentencePieceProcessor(
