@@ -1,7 +1,8 @@
 """Experts as batched weights: E feed-forward networks with one ReLU hidden layer (Shazeer et
 al. 2017, App. C.1), computed as grouped matrix products over expert-contiguous rows: on the
-CPU one GEMM per expert on views of the rows (no copies), on CUDA in bf16 the grouped kernel,
-elsewhere a padded bmm, all behind grouped_matmul.
+CPU one GEMM per expert on views of the rows (no copies), or one bmm over a view when every
+expert has the same number of rows (the strictly balanced gate of App. F in training); on CUDA
+in bf16 the grouped kernel; elsewhere a padded bmm; all behind grouped_matmul.
 
 Index letters: N rows (tokens routed to experts, sorted by expert), E experts, D model width,
 H expert hidden width, C padded rows per expert.
@@ -123,6 +124,20 @@ def _padded_bmm(rows: Tensor, weight: Tensor, rows_per_expert: Tensor) -> Tensor
     return out.reshape(n_experts * capacity, weight.shape[-1]).index_select(0, flat_slot)
 
 
+# Per-expert products (rows × D × H multiply-adds) below which one bmm beats E GEMMs on the
+# CPU. Measured on 2 cores, forward + backward, E = 32: at 160 × 64 × 128 the bmm takes 1.8 ms
+# against 3.7 ms for the GEMMs; at 512 × 512 × 1024 it takes 500 ms against 310 ms.
+_BMM_MAX_MACS_PER_EXPERT = 1 << 24
+
+
+def _balanced_bmm(rows: Tensor, weight: Tensor, rows_each: int) -> Tensor:
+    """Every expert has rows_each rows: the rows are already an [E, rows_each, D] batch, so
+    the product is one bmm on a view (no padding, no copy)."""
+    n_experts = weight.shape[0]
+    batch = rows.reshape(n_experts, rows_each, rows.shape[-1])  # [E, C, D]
+    return torch.bmm(batch, weight).reshape(n_experts * rows_each, weight.shape[-1])  # [N, H]
+
+
 def grouped_matmul(rows: Tensor, weight: Tensor, rows_per_expert: Tensor) -> Tensor:
     """Multiply each expert's contiguous block of rows by that expert's weight.
 
@@ -138,7 +153,11 @@ def grouped_matmul(rows: Tensor, weight: Tensor, rows_per_expert: Tensor) -> Ten
         offsets = torch.cumsum(rows_per_expert, 0, dtype=torch.int32)  # [E] end of each block
         return _GroupedMatmul.apply(rows, weight, offsets)
     if rows.device.type == "cpu":
-        return _PerExpertMatmul.apply(rows, weight, rows_per_expert.tolist())
+        counts = rows_per_expert.tolist()
+        small = counts and counts[0] * weight.shape[1] * weight.shape[2] <= _BMM_MAX_MACS_PER_EXPERT
+        if small and counts[0] > 0 and min(counts) == max(counts):
+            return _balanced_bmm(rows, weight, counts[0])
+        return _PerExpertMatmul.apply(rows, weight, counts)
     return _padded_bmm(rows, weight, rows_per_expert)
 
 

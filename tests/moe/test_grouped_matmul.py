@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lstm_moe.moe.experts import (
+    _balanced_bmm,
     _GroupedMatmul,
     _padded_bmm,
     _PerExpertMatmul,
@@ -40,6 +41,12 @@ PATHS = {
     "padded_bmm": lambda r, w, c: _padded_bmm(r, w, torch.tensor(c)),
     "grouped_kernel": lambda r, w, c: _GroupedMatmul.apply(
         r, w, torch.cumsum(torch.tensor(c), 0, dtype=torch.int32)
+    ),
+    # Only for equal counts: the other cases run through grouped_matmul's own choice.
+    "balanced_bmm": lambda r, w, c: (
+        _balanced_bmm(r, w, c[0])
+        if len(set(c)) == 1 and c[0]
+        else grouped_matmul(r, w, torch.tensor(c))
     ),
 }
 
@@ -83,9 +90,12 @@ def test_the_per_expert_gemms_pass_gradcheck():
 
 
 def test_the_cpu_takes_the_per_expert_gemms_in_float32_and_float64():
-    """grouped_matmul's dispatch on the CPU: what the layer's equivalence tests exercise."""
+    """grouped_matmul's dispatch on the CPU: what the layer's equivalence tests exercise;
+    equal counts (the batchwise gate in training) take one bmm."""
     for dtype in (torch.float32, torch.float64):
         rows = torch.randn(4, D, dtype=dtype, requires_grad=True)
         weight = torch.randn(2, D, H, dtype=dtype, requires_grad=True)
         out = grouped_matmul(rows, weight, torch.tensor([1, 3]))
         assert type(out.grad_fn).__name__ == "_PerExpertMatmulBackward"
+        out = grouped_matmul(rows, weight, torch.tensor([2, 2]))
+        assert type(out.grad_fn.next_functions[0][0]).__name__ == "BmmBackward0"
