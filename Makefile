@@ -12,8 +12,12 @@ STAMP := $(VENV)/.installed
 NPROC ?= 1
 TRAIN = $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone \
 	--nproc_per_node=$(NPROC) -m lstm_moe.train --,$(PY) -m lstm_moe.train)
+# Beam-search decoding on the same ranks (each decodes its share; the experts stay sharded).
+TRANSLATE = $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone \
+	--nproc_per_node=$(NPROC) -m eval.translate --,$(PY) -m eval.translate)
 
-.PHONY: setup test lint format bench bench-parallel demo lm1b wmt14-data synthetic-parallel-data clean-venv
+.PHONY: setup test lint format bench bench-parallel demo demo-lm demo-translation lm1b wmt14 \
+	wmt14-data synthetic-parallel-data clean-venv
 
 setup: $(STAMP)
 
@@ -44,25 +48,51 @@ bench-parallel: $(STAMP)
 	$(PY) -m eval.bench_parallel --json $(BENCH_OUT)/bench_parallel.json \
 		--markdown $(BENCH_OUT)/bench_parallel.md
 
-# --- the demo: generated corpus -> dense and MoE models at equal ops/timestep -> report --------
-# 4xLSTM-512 and MoE-32 scaled from width 512 to 64: four 64-cell LSTMs against two LSTMs
-# around 32 experts of hidden width 128 (k = 4), so both spend ~0.13M ops per token (plus the
-# same softmax), trained on the same 2M tokens.
+# --- the demo: generated corpora -> dense and MoE models at equal ops/timestep -> one report ---
+# TASK=lm or TASK=translation runs one part; both by default.
+TASK ?= all
 DEMO_DIR ?= runs/demo
+DEMO_PARTS = $(if $(filter all,$(TASK)),lm translation,$(TASK))
+DEMO_RUNS_lm = $(DEMO_DIR)/dense $(DEMO_DIR)/moe
+DEMO_RUNS_translation = $(DEMO_DIR)/nmt-dense $(DEMO_DIR)/nmt-moe
+demo: $(STAMP)
+	rm -rf $(DEMO_DIR)
+	$(MAKE) --no-print-directory $(addprefix demo-,$(DEMO_PARTS))
+	$(PY) -m eval.report $(foreach part,$(DEMO_PARTS),$(DEMO_RUNS_$(part))) --out $(DEMO_DIR) \
+		--title "Generated corpora: dense vs MoE at equal ops/timestep"
+
+# Language models: 4xLSTM-512 and MoE-32 scaled from width 512 to 64: four 64-cell LSTMs
+# against two LSTMs around 32 experts of hidden width 128 (k = 4), so both spend ~0.13M ops
+# per token (plus the same softmax), trained on the same 2M tokens.
 DEMO_TOKENS ?= 2000000
 DEMO_TRAIN = --d_model=64 --lstm_hidden=64 --softmax=full --dropout=0.0 --batch_size=32 \
 	--bptt=20 --lr=0.003 --warmup_steps=100 --max_tokens=$(DEMO_TOKENS) --eval_every=250 \
 	--eval_tokens=20000 --checkpoint_every=500 --log_every=50
-demo: $(STAMP)
-	rm -rf $(DEMO_DIR)
+demo-lm: $(STAMP)
 	data=$$($(PY) -m data_prep.synthetic --out data | tail -n 1); \
 	$(TRAIN) --data $$data --run $(DEMO_DIR)/dense --preset 4xLSTM-512 $(DEMO_TRAIN); \
 	$(TRAIN) --data $$data --run $(DEMO_DIR)/moe --preset MoE-32 $(DEMO_TRAIN) \
 		--expert_hidden=128
 	$(PY) -m eval.perplexity $(DEMO_DIR)/dense
 	$(PY) -m eval.perplexity $(DEMO_DIR)/moe
-	$(PY) -m eval.report $(DEMO_DIR)/dense $(DEMO_DIR)/moe --out $(DEMO_DIR) \
-		--title "Generated multi-topic corpus: dense 4xLSTM vs MoE-32 at equal ops/timestep"
+
+# Translation: the App. E model scaled from width 512 to 64 on the generated parallel corpus
+# (reordering, topic-dependent word choice): NMT-dense with a 512-unit ReLU layer where the
+# MoE was, against NMT-MoE-32 with 32 experts of width 128 (k = 4, the strictly balanced gate),
+# the same ops per position, trained on the same target tokens, then beam search and BLEU.
+DEMO_NMT_TOKENS ?= 800000
+DEMO_NMT_TRAIN = --task translation --d_model=64 --lstm_hidden=64 --attention_hidden=64 \
+	--dropout=0.1 --batch_size=64 --lr=0.003 --warmup_steps=100 --max_tokens=$(DEMO_NMT_TOKENS) \
+	--eval_every=250 --eval_pairs=500 --checkpoint_every=500 --log_every=50
+demo-translation: $(STAMP)
+	data=$$($(PY) -m data_prep.synthetic_parallel --out data --preset demo | tail -n 1); \
+	$(TRAIN) --data $$data --run $(DEMO_DIR)/nmt-dense --preset NMT-dense $(DEMO_NMT_TRAIN) \
+		--ffn_hidden=512; \
+	$(TRAIN) --data $$data --run $(DEMO_DIR)/nmt-moe --preset NMT-MoE-32 $(DEMO_NMT_TRAIN) \
+		--expert_hidden=128
+	for run in $(DEMO_RUNS_translation); do \
+		$(PY) -m eval.perplexity $$run && $(TRANSLATE) $$run || exit 1; \
+	done
 
 # --- lm1b: prepare (download or LM1B_DIR) -> train PRESET -> test perplexity -----------------
 # A second `make lm1b` with the same PRESET resumes the run where it stopped.
@@ -81,14 +111,30 @@ lm1b: $(STAMP)
 	fi
 	$(PY) -m eval.perplexity $(LM1B_RUN)
 
-# --- WMT'14 (§5.3): prepare En-De or En-Fr (download, or WMT14_DIR: the archives or their trees) -
-# Prints the prepared folder, data/wmt14-en-<xx>-<recipe id>; a second run finds it at once.
+# --- WMT'14 (§5.3): prepare En-De or En-Fr (download, or WMT14_DIR: the archives or their trees)
+# -> train PRESET (NMT-MoE-32 by default: PRESET=MoE-2048-h and PRESET=NMT-MoE-2048-h both name
+# the 2048-expert model) -> test perplexity -> beam search on newstest2014 -> BLEU. A second
+# `make wmt14` with the same PAIR and PRESET resumes the run where it stopped.
 PAIR ?= en-de
 WMT14_DIR ?=
 WORKERS ?= $(shell nproc 2>/dev/null || echo 1)
+NMT_PRESET = $(if $(filter NMT-%,$(PRESET)),$(PRESET),NMT-$(PRESET))
+WMT14_RUN ?= runs/wmt14-$(PAIR)-$(NMT_PRESET)
+WMT14_PREPARE = $(PY) -m data_prep.wmt14 --out data --pair $(PAIR) \
+	$(if $(WMT14_DIR),--source $(WMT14_DIR)) --workers $(WORKERS)
+# Prints the prepared folder, data/wmt14-en-<xx>-<recipe id>; a second run finds it at once.
 wmt14-data: $(STAMP)
-	$(PY) -m data_prep.wmt14 --out data --pair $(PAIR) $(if $(WMT14_DIR),--source $(WMT14_DIR)) \
-		--workers $(WORKERS) | tail -n 1
+	$(WMT14_PREPARE) | tail -n 1
+wmt14: $(STAMP)
+	data=$$($(WMT14_PREPARE) | tail -n 1); \
+	if [ -f $(WMT14_RUN)/checkpoint.pt ]; then \
+		$(TRAIN) --run $(WMT14_RUN) --resume --max_tokens=$(MAX_TOKENS) $(TRAIN_ARGS); \
+	else \
+		$(TRAIN) --task translation --data $$data --run $(WMT14_RUN) --preset $(NMT_PRESET) \
+			--max_tokens=$(MAX_TOKENS) $(TRAIN_ARGS); \
+	fi
+	$(PY) -m eval.perplexity $(WMT14_RUN)
+	$(TRANSLATE) $(WMT14_RUN)
 
 # The generated parallel corpus (reordering, topic-dependent words; data_prep/synthetic_parallel.py)
 # for translation demos: prints its folder, data/synthetic-parallel-src-tgt-<recipe id>.
