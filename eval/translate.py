@@ -1,6 +1,7 @@
 """Translate a split of a translation run's dataset with beam search, and score it with BLEU.
 
     python -m eval.translate runs/NAME [--split test] [--beam 4] [--alpha 0.6] [--beta 0.0]
+    python -m eval.translate runs/NAME --data data/OTHER         # another folder, same vocabulary
     torchrun --nproc_per_node=2 -m eval.translate runs/NAME      # each rank decodes its share
 
 The sources are the split's binarized word pieces (exactly what training read); the
@@ -10,6 +11,9 @@ tokenized BLEU). Writes, in runs/NAME/eval/:
   <split>.hyp.<lang>         one detokenized translation per source line
   translate-<split>.json     the search's settings, sentences/s, the checkpoint's step
   bleu.json                  (bleu-<split>.json for other splits) both BLEU scores
+With --data, the split is read from another prepared folder whose wordpiece model is the
+run's (same sha256: e.g. the same training corpus with another test set), and the files are
+named after that folder (<split>-<folder>.hyp.<lang>, bleu-<split>-<folder>.json, ...).
 Under torchrun the experts are spread over the ranks as in training; every rank steps the
 decoder together until the last rank's sentences are done (eval.beam_search), and the output
 is one process's.
@@ -31,7 +35,7 @@ from eval.beam_search import ALPHA, BEAM, BETA, MAX_LEN_A, MAX_LEN_B, translate_
 from eval.bleu import print_scores, score_files
 from lstm_moe.engine.ranks import join_ranks
 from lstm_moe.files import BOS_ID, EOS_ID, PATH_ERRORS, write_json_atomic, write_text_atomic
-from lstm_moe.pairs import read_pairs
+from lstm_moe.pairs import read_pairs, read_parallel_meta
 from lstm_moe.runtime import resolve_device
 from lstm_moe.tasks.translation import load_trained_model
 
@@ -48,6 +52,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("run", type=Path, help="run folder written by lstm_moe.train")
     parser.add_argument("--split", default="test", help="split of the run's dataset (test)")
+    parser.add_argument(
+        "--data", type=Path, help="read the split from this prepared folder (same vocabulary)"
+    )
     parser.add_argument("--beam", type=int, default=BEAM, help=f"beam width ({BEAM})")
     parser.add_argument(
         "--alpha", type=float, default=ALPHA, help=f"length penalty α, GNMT §7 ({ALPHA})"
@@ -77,6 +84,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             model, data_dir, meta, _, step, tokens = load_trained_model(args.run, device, group)
+            if args.data is not None:
+                other = read_parallel_meta(args.data)
+                if other["vocab"]["sha256"] != meta["vocab"]["sha256"]:
+                    raise ValueError(
+                        f"{args.data}'s wordpiece model is not the one {args.run} was trained "
+                        f"with ({data_dir}): its ids would mean other pieces"
+                    )
+                if (other["src_lang"], other["tgt_lang"]) != (meta["src_lang"], meta["tgt_lang"]):
+                    raise ValueError(
+                        f"{args.data} is {other['src_lang']}→{other['tgt_lang']}, {args.run} "
+                        f"translates {meta['src_lang']}→{meta['tgt_lang']}"
+                    )
+                data_dir, meta = args.data, other
             split = read_pairs(data_dir, args.split, meta)
             entry = meta["splits"][args.split]
             processor = sentencepiece.SentencePieceProcessor(
@@ -115,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         lang = meta["tgt_lang"]
         out = args.run / "eval"
         out.mkdir(parents=True, exist_ok=True)
-        hyp_path = out / f"{args.split}.hyp.{lang}"
+        name = args.split if args.data is None else f"{args.split}-{Path(args.data).name}"
+        hyp_path = out / f"{name}.hyp.{lang}"
         lines = [detokenize(processor, list(t.tokens)) for t in translations]
         write_text_atomic(hyp_path, "".join(line + "\n" for line in lines))
         summary = {
@@ -134,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             "tokens_trained": tokens,
             "hypotheses": str(hyp_path),
         }
-        write_json_atomic(out / f"translate-{args.split}.json", summary)
+        summary["data"] = str(data_dir)
+        write_json_atomic(out / f"translate-{name}.json", summary)
         print(
             f"translated {count} sentences of {args.split} in {seconds:.1f} s "
             f"({summary['sentences_per_s']:.1f} sentences/s, beam {args.beam})"
@@ -145,11 +167,11 @@ def main(argv: list[str] | None = None) -> int:
         ref_path = data_dir / reference
         if args.limit is not None:  # score against the same first sentences
             ref_lines = ref_path.read_text(encoding="utf-8").split("\n")[:count]
-            ref_path = out / f"{args.split}.ref-first-{count}.{lang}"
+            ref_path = out / f"{name}.ref-first-{count}.{lang}"
             write_text_atomic(ref_path, "".join(line + "\n" for line in ref_lines))
         result = score_files(hyp_path, ref_path, lang)
         result.update({"step": step, "beam": args.beam, "alpha": args.alpha, "beta": args.beta})
-        bleu_path = out / ("bleu.json" if args.split == "test" else f"bleu-{args.split}.json")
+        bleu_path = out / ("bleu.json" if name == "test" else f"bleu-{name}.json")
         write_json_atomic(bleu_path, result)
         print_scores(result)
         print(f"wrote {bleu_path}")
