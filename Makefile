@@ -80,7 +80,7 @@ demo-lm: $(STAMP)
 # (reordering, topic-dependent word choice): NMT-dense with a 512-unit ReLU layer where the
 # MoE was, against NMT-MoE-32 with 32 experts of width 128 (k = 4, the strictly balanced gate),
 # the same ops per position, trained on the same target tokens, then beam search and BLEU.
-DEMO_NMT_TOKENS ?= 800000
+DEMO_NMT_TOKENS ?= 1200000
 DEMO_NMT_TRAIN = --task translation --d_model=64 --lstm_hidden=64 --attention_hidden=64 \
 	--dropout=0.1 --batch_size=64 --lr=0.003 --warmup_steps=100 --max_tokens=$(DEMO_NMT_TOKENS) \
 	--eval_every=250 --eval_pairs=500 --checkpoint_every=500 --log_every=50
