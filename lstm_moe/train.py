@@ -6,10 +6,11 @@ the ranks torchrun starts.
     python -m lstm_moe.train --run runs/moe32 --resume [--max_tokens=200000000]
     torchrun --nproc_per_node=4 -m lstm_moe.train -- --data ... --run ... --preset MoE-32
 
-`--task` picks the task (`lm`, the default: the paper's LSTM language model). Every field of
-the model config, the task's config and the training config can be set with `--field=value`
-(type-checked; `--help` lists them with their types, defaults and allowed values). The run
-folder holds everything needed to resume or evaluate:
+`--task` picks the task: `lm` (the default: the paper's LSTM language model) or
+`translation` (its GNMT-style translation model); a preset of either implies its task.
+Every field of the model config, the task's config and the training config can be set with
+`--field=value` (type-checked; `--help` lists them with their types, defaults and allowed
+values). The run folder holds everything needed to resume or evaluate:
   config.json     the task, the three configs, the dataset's path and fingerprint, the size
   metrics.jsonl   one JSON object per log interval ("kind": "train") and per validation
                   ("kind": "valid"): loss, each auxiliary loss, routing statistics, tokens/s
@@ -104,13 +105,18 @@ def build_trainer(args: argparse.Namespace, overrides: dict[str, str]) -> Traine
             f"{run_dir} already holds a checkpoint: pass --resume to continue it, or choose "
             "another --run"
         )
-    task_cls = TASKS[args.task or DEFAULT_TASK]
+    task_cls = TASKS[args.task or _task_of_preset(args.preset) or DEFAULT_TASK]
     split = split_by_config(task_cls, overrides)
     if args.data is None:
         raise ValueError("--data DIR (a folder prepared by data_prep) is required")
     presets = task_cls.presets()
     if args.preset is not None and args.preset not in presets:
-        raise ValueError(f"unknown preset {args.preset!r}; choose one of {list(presets)}")
+        other = _task_of_preset(args.preset)
+        hint = f" (it is a --task {other} preset)" if other else ""
+        raise ValueError(
+            f"unknown preset {args.preset!r} for --task {task_cls.name}{hint}; choose one of "
+            f"{list(presets)}"
+        )
     model_config = presets[args.preset] if args.preset else task_cls.model_config_class()
     model_config = apply_overrides(
         model_config, {**task_cls.dataset_overrides(args.data), **split["model"]}
@@ -129,6 +135,12 @@ def build_trainer(args: argparse.Namespace, overrides: dict[str, str]) -> Traine
         args.preset,
         resume=False,
     )
+
+
+def _task_of_preset(preset: str | None) -> str | None:
+    """The task whose presets hold `preset` (preset names are unique across tasks), so that
+    `--preset NMT-MoE-32` alone picks translation."""
+    return next((name for name, cls in TASKS.items() if preset in cls.presets()), None)
 
 
 def _resume(args: argparse.Namespace, overrides: dict[str, str]) -> Trainer:
