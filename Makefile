@@ -16,7 +16,7 @@ TRAIN = $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone \
 TRANSLATE = $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone \
 	--nproc_per_node=$(NPROC) -m eval.translate --,$(PY) -m eval.translate)
 
-.PHONY: setup test lint format bench bench-parallel demo demo-lm demo-translation lm1b wmt14 \
+.PHONY: setup test lint format bench bench-parallel bench-translation demo demo-lm demo-translation lm1b wmt14 \
 	wmt14-data synthetic-parallel-data clean-venv
 
 setup: $(STAMP)
@@ -42,6 +42,11 @@ test: lint
 BENCH_OUT ?= bench
 bench: $(STAMP)
 	$(PY) -m eval.bench_moe --json $(BENCH_OUT)/bench_moe.json --markdown $(BENCH_OUT)/bench_moe.md
+
+# Translation: MoE vs dense training tokens/s at equal ops/timestep, beam 1 and 4 sentences/s.
+bench-translation: $(STAMP)
+	$(PY) -m eval.bench_translation --json $(BENCH_OUT)/bench_translation.json \
+		--markdown $(BENCH_OUT)/bench_translation.md
 
 # Expert parallelism at 1, 2 and 4 gloo ranks (on 2 cores: volume and correctness, not speed).
 bench-parallel: $(STAMP)
