@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import torch
@@ -30,7 +29,7 @@ from lstm_moe.engine.checkpoint import (
 )
 from lstm_moe.engine.ranks import join_ranks
 from tests.engine.copy_task import CopyModelConfig, CopyTask, CopyTaskConfig
-from tests.lm.test_distributed import free_port
+from tests.ranks import free_port, no_noise
 
 TOL = dict(rel=1e-5, abs=1e-6)
 NO_BALANCE = dict(w_importance=0.0, w_load=0.0)  # per micro-batch: not accumulable exactly
@@ -40,10 +39,6 @@ MODELS = {
     "glu": CopyModelConfig(glu=True),
     "capacity": CopyModelConfig(capacity_factor=0.75),  # drops tokens; balancing on
 }
-
-
-def no_noise():
-    return mock.patch.object(torch, "randn_like", lambda like, **_: torch.zeros_like(like))
 
 
 def trainer(run: Path, model: str, steps: int, micro: int = 1, group=None, **config) -> Trainer:

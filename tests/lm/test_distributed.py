@@ -1,11 +1,10 @@
 """Language-model training on 2 gloo ranks (lstm_moe.engine.ranks) equals one process.
 
 The runs draw nothing at random per token, so that one process and 2 ranks must agree: no
-dropout, the full softmax, and the router's noise replaced by zeros (torch.randn_like patched,
-in the test process and in the workers alike). A rank draws noise for its own tokens only, so
-with noise the two would differ by the draws, not by the distribution; the smooth Load
-estimator and the gradients of W_noise still run. Agreement is to 1e-5 (relative): the ranks
-sum the same numbers in another order.
+dropout, the full softmax, and the router's noise replaced by zeros (tests.ranks.no_noise, in
+the test process and in the workers alike); the smooth Load estimator and the gradients of
+W_noise still run. Agreement is to 1e-5 (relative): the ranks sum the same numbers in another
+order.
 
 One spawn of 2 workers trains every multi-rank run the tests compare, the one-process runs
 are trained in the test process; the last test kills (or stops) one of two ranks started as
@@ -20,15 +19,12 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from unittest import mock
 
 import pytest
-import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -38,7 +34,9 @@ from lstm_moe.fields import apply_overrides
 from lstm_moe.moe.parallel import ParallelGroup
 from lstm_moe.tasks.lm import LanguageModelTask, LMTaskConfig
 from lstm_moe.train import main as train_main
-from tests.lm.test_train import SMALL, read_metrics
+from tests.lm.test_train import SMALL
+from tests.ranks import free_port, join, no_noise, run_commands
+from tests.runs import TOL, assert_same_metrics, read_metrics
 
 ARGS = [
     *(a for a in SMALL if not a.startswith("--preset=")),
@@ -46,12 +44,7 @@ ARGS = [
     "--eval_every=10",
     "--eval_tokens=0",
 ]
-TOL = dict(rel=1e-5, abs=1e-6)
 COMPARED = ("loss", "aux_loss", "importance", "load", "grad_norm", "cv_load", "fraction_dropped")
-
-
-def no_noise():
-    return mock.patch.object(torch, "randn_like", lambda like, **_: torch.zeros_like(like))
 
 
 def new_run(data: Path, run: Path, max_steps: int, *extra: str) -> list[str]:
@@ -68,30 +61,8 @@ def resume(run: Path, max_steps: int) -> list[str]:
     return ["--run", str(run), "--resume", f"--max_steps={max_steps}", "--quiet"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def join(rank: int, world: int, port: int) -> None:
-    """This spawned process becomes rank `rank` of `world`, as torchrun would set it up."""
-    torch.set_num_threads(1)
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_PORT=str(port),
-        MASTER_ADDR="127.0.0.1",
-    )  # fmt: skip
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-
-
 def worker(rank: int, world: int, port: int, jobs: list[list[str]]) -> None:
-    join(rank, world, port)
-    try:
-        with no_noise():
-            for argv in jobs:
-                assert train_main(argv) == 0, argv
-    finally:
-        dist.destroy_process_group()
+    run_commands(rank, world, port, [("lstm_moe.train", argv) for argv in jobs])
 
 
 @pytest.fixture(scope="module")
@@ -133,20 +104,10 @@ def runs(tiny_dataset, tmp_path_factory):
     return paths
 
 
-def assert_same_metrics(got_run: Path, want_run: Path, steps: range) -> None:
-    for kind, keys in (("train", COMPARED), ("valid", ("valid_nll", "valid_tokens"))):
-        want = {e["step"]: e for e in read_metrics(want_run, kind) if e["step"] in steps}
-        got = {e["step"]: e for e in read_metrics(got_run, kind) if e["step"] in steps}
-        assert sorted(got) == sorted(want) and want, kind
-        for step, entry in want.items():
-            for key in keys:
-                assert got[step][key] == pytest.approx(entry[key], **TOL), (kind, step, key)
-
-
 @pytest.mark.distributed
 def test_two_and_four_ranks_train_like_one_process(runs):
-    assert_same_metrics(runs["two"], runs["one"], range(1, 11))
-    assert_same_metrics(runs["four"], runs["one"], range(1, 11))
+    assert_same_metrics(runs["two"], runs["one"], range(1, 11), COMPARED)
+    assert_same_metrics(runs["four"], runs["one"], range(1, 11), COMPARED)
     assert [e["tokens"] for e in read_metrics(runs["two"])] == [
         e["tokens"] for e in read_metrics(runs["one"]) if e["step"] <= 10
     ]
@@ -156,7 +117,7 @@ def test_two_and_four_ranks_train_like_one_process(runs):
 
 @pytest.mark.distributed
 def test_with_a_capacity_two_ranks_keep_the_tokens_one_process_keeps(runs):
-    assert_same_metrics(runs["capacity_two"], runs["capacity_one"], range(1, 11))
+    assert_same_metrics(runs["capacity_two"], runs["capacity_one"], range(1, 11), COMPARED)
     assert min(e["fraction_dropped"] for e in read_metrics(runs["capacity_one"])) > 0
 
 
@@ -164,13 +125,13 @@ def test_with_a_capacity_two_ranks_keep_the_tokens_one_process_keeps(runs):
 def test_two_ranks_of_two_micro_batches_keep_what_one_process_of_two_keeps(runs):
     """Each micro-batch is one MoE call over the ranks: with a capacity, 2 ranks keep the
     tokens one process keeps in each of its 2 micro-batches, and carry the same LSTM state."""
-    assert_same_metrics(runs["micro_two"], runs["micro_one"], range(1, 11))
+    assert_same_metrics(runs["micro_two"], runs["micro_one"], range(1, 11), COMPARED)
     assert min(e["fraction_dropped"] for e in read_metrics(runs["micro_one"])) > 0
 
 
 @pytest.mark.distributed
 def test_with_the_sampled_softmax_two_ranks_score_against_one_process_candidates(runs):
-    assert_same_metrics(runs["sampled_two"], runs["sampled_one"], range(1, 11))
+    assert_same_metrics(runs["sampled_two"], runs["sampled_one"], range(1, 11), COMPARED)
     config = json.loads((runs["sampled_one"] / "config.json").read_text())
     assert config["model"]["softmax"] == "sampled"
     # The sampled estimate differs from the exact loss of the same model and batch.
@@ -205,9 +166,10 @@ def test_ranks_that_resume_different_checkpoints_stop(runs, tmp_path):
 
 @pytest.mark.distributed
 def test_resume_at_another_number_of_ranks(runs):
-    assert_same_metrics(runs["one_then_two"], runs["one"], range(1, 21))  # 1 -> 2 ranks
-    assert_same_metrics(runs["two_then_one"], runs["one"], range(1, 21))  # 2 -> 1
-    assert_same_metrics(runs["four_then_two"], runs["one"], range(1, 21))  # 4 -> 2
+    steps = range(1, 21)
+    assert_same_metrics(runs["one_then_two"], runs["one"], steps, COMPARED)  # 1 -> 2 ranks
+    assert_same_metrics(runs["two_then_one"], runs["one"], steps, COMPARED)  # 2 -> 1
+    assert_same_metrics(runs["four_then_two"], runs["one"], steps, COMPARED)  # 4 -> 2
     assert sorted(p.name for p in runs["four_then_two"].glob("experts-*")) == [
         "experts-step20-rank0-of2.pt",
         "experts-step20-rank1-of2.pt",

@@ -9,7 +9,8 @@ from eval.perplexity import main as perplexity_main
 from lstm_moe.moe import ROUTERS
 from lstm_moe.tasks.lm import load_trained_model
 from lstm_moe.train import main as train_main
-from tests.lm.test_train import read_metrics, train
+from tests.lm.test_train import train
+from tests.runs import read_metrics
 
 CASES = {
     "noisy_topk": ["--noise_epsilon=0.02"],

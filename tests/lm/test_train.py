@@ -9,6 +9,7 @@ import pytest
 from eval.perplexity import main as perplexity_main
 from lstm_moe.train import main as train_main
 from tests.lm.conftest import make_dataset
+from tests.runs import read_metrics
 
 SMALL = [
     "--preset=MoE-32",
@@ -35,11 +36,6 @@ def train(data, run, *extra):
     return train_main(
         ["--data", str(data), "--run", str(run), "--preset", preset[0], *args, *extra]
     )
-
-
-def read_metrics(run, kind="train"):
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [e for e in map(json.loads, lines) if e["kind"] == kind]
 
 
 def test_training_lowers_the_loss_and_evaluates(tiny_dataset, tmp_path):
