@@ -9,7 +9,6 @@ import datetime
 import itertools
 import math
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -32,6 +31,7 @@ from eval.beam_search import (
 from lstm_moe.files import BOS_ID, EOS_ID
 from lstm_moe.moe.parallel import ParallelGroup
 from tests.eval.toy_decoders import CollectiveHashDecoder, HashDecoder, TableDecoder
+from tests.ranks import free_port
 
 CPU = torch.device("cpu")
 # Sources of several lengths (ids as the model reads them).
@@ -391,12 +391,6 @@ def two_ranks(rank: int, world: int, port: int, expected: dict) -> None:
         assert calls == [22, 22], calls
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.distributed

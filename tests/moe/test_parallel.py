@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-import socket
 
 import pytest
 import torch
@@ -47,6 +46,7 @@ from lstm_moe.moe import (
 from lstm_moe.moe.experts import BatchedExperts
 from lstm_moe.moe.parallel import _expert_major_order
 from switch import SwitchRouter
+from tests.ranks import free_port
 
 D, H = 12, 16  # rows of 48 and 64 bytes (aligned as the grouped kernel needs, where it runs)
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -319,12 +319,6 @@ def worker(rank: int, world: int, port: int) -> None:
         checks.raise_if_any()
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.distributed
