@@ -44,6 +44,21 @@ def data_fingerprint(data_dir: Path, meta: dict) -> dict:
     }
 
 
+def check_same_dataset(saved: dict, data_dir: Path, meta: dict, source: str) -> None:
+    """Refuse (ValueError) a dataset whose recipe or vocabulary is not the one of `saved` (the
+    data_fingerprint a checkpoint recorded); source names the checkpoint."""
+    if saved["recipe_id"] != meta.get("recipe_id"):
+        raise ValueError(
+            f"{data_dir} (recipe {meta.get('recipe_id')}) is not the dataset "
+            f"{source} was trained on (recipe {saved['recipe_id']})"
+        )
+    if saved["vocab_sha256"] != meta["vocab"]["sha256"]:
+        raise ValueError(
+            f"the vocabulary of {data_dir} (sha256 {meta['vocab']['sha256'][:12]}) "
+            f"is not the one {source} was trained with ({saved['vocab_sha256'][:12]})"
+        )
+
+
 def _cv(values: Tensor) -> float:
     mean = values.mean()
     return float(values.std(unbiased=False) / mean) if mean > 0 else 0.0

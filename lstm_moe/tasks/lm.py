@@ -36,6 +36,7 @@ from lstm_moe.lm import LanguageModel, detach_state
 from lstm_moe.moe.parallel import ParallelGroup
 from lstm_moe.tasks.common import (
     RoutingTotals,
+    check_same_dataset,
     data_fingerprint,
     load_run_model,
     routing_stats,
@@ -240,16 +241,7 @@ class LanguageModelTask:
 
     def check_resume(self, saved_record: dict, source: str) -> None:
         saved = saved_record["data"]
-        if saved["recipe_id"] != self.meta.get("recipe_id"):
-            raise ValueError(
-                f"{self.data_dir} (recipe {self.meta.get('recipe_id')}) is not the dataset "
-                f"{source} was trained on (recipe {saved['recipe_id']})"
-            )
-        if saved["vocab_sha256"] != self.meta["vocab"]["sha256"]:
-            raise ValueError(
-                f"the vocabulary of {self.data_dir} (sha256 {self.meta['vocab']['sha256'][:12]}) "
-                f"is not the one {source} was trained with ({saved['vocab_sha256'][:12]})"
-            )
+        check_same_dataset(saved, self.data_dir, self.meta, source)
 
     def loss_metrics(self, loss: float) -> dict[str, float]:
         return {("sampled_ppl" if self.sampled else "ppl"): math.exp(min(loss, 50.0))}

@@ -30,7 +30,13 @@ from lstm_moe.moe.parallel import ParallelGroup
 from lstm_moe.nmt import TranslationModel
 from lstm_moe.pair_batches import PairBatch, PairBatches, collate_pairs, share, sorted_batches
 from lstm_moe.pairs import PairSplit, read_pairs, read_parallel_meta
-from lstm_moe.tasks.common import RoutingTotals, data_fingerprint, load_run_model, routing_stats
+from lstm_moe.tasks.common import (
+    RoutingTotals,
+    check_same_dataset,
+    data_fingerprint,
+    load_run_model,
+    routing_stats,
+)
 
 __all__ = [
     "TranslationTask",
@@ -169,16 +175,7 @@ class TranslationTask:
                 f"{self.data_dir} is {pair[0]}→{pair[1]}, but {source} was trained on "
                 f"{saved_pair[0]}→{saved_pair[1]}"
             )
-        if saved["recipe_id"] != self.meta.get("recipe_id"):
-            raise ValueError(
-                f"{self.data_dir} (recipe {self.meta.get('recipe_id')}) is not the dataset "
-                f"{source} was trained on (recipe {saved['recipe_id']})"
-            )
-        if saved["vocab_sha256"] != self.meta["vocab"]["sha256"]:
-            raise ValueError(
-                f"the vocabulary of {self.data_dir} (sha256 {self.meta['vocab']['sha256'][:12]}) "
-                f"is not the one {source} was trained with ({saved['vocab_sha256'][:12]})"
-            )
+        check_same_dataset(saved, self.data_dir, self.meta, source)
 
     def loss_metrics(self, loss: float) -> dict[str, float]:
         name = "smoothed_ppl" if self.model_config.label_smoothing else "ppl"
