@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .workspace import Workspace
+
 
 @dataclass
 class DispatchPlan:
@@ -98,27 +100,114 @@ def plan_dispatch(
     )
 
 
-def gather_rows(x: Tensor, plan: DispatchPlan) -> Tensor:
-    """x: [T, D] -> [N, D], the input row of every kept pair, expert-contiguous."""
+def gather_rows(x: Tensor, plan: DispatchPlan, workspace: Workspace | None = None) -> Tensor:
+    """x: [T, D] -> [N, D], the input row of every kept pair, expert-contiguous. On the CPU the
+    rows go to workspace storage (reused from step to step, see workspace.py)."""
+    if x.device.type == "cpu" and workspace is not None:
+        return _GatherRows.apply(x, plan.token_index, workspace)
     return x.index_select(0, plan.token_index)
 
 
-def combine_rows(expert_out: Tensor, gates: Tensor, plan: DispatchPlan) -> Tensor:
+class _GatherRows(torch.autograd.Function):
+    """x[token_index] into workspace storage; the backward sums each row's gradient back into
+    its token (in row order, deterministic on the CPU)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, token_index: Tensor, workspace: Workspace) -> Tensor:
+        ctx.save_for_backward(token_index)
+        ctx.n_tokens = x.shape[0]
+        out = workspace.empty("gathered_rows", (token_index.numel(), *x.shape[1:]), x)
+        return torch.index_select(x, 0, token_index, out=out)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (token_index,) = ctx.saved_tensors
+        grad_x = grad.new_zeros(ctx.n_tokens, *grad.shape[1:])
+        return grad_x.index_add_(0, token_index, grad), None, None
+
+
+def combine_rows(
+    expert_out: Tensor, gates: Tensor, plan: DispatchPlan, workspace: Workspace | None = None
+) -> Tensor:
     """y_t = Σ_slot gate[t, slot] · expert_out[pair(t, slot)] (Eq. 1).
 
-    expert_out: [N, D]; gates: [T, K]. Each output row is written back to its (token, slot)
-    place, then each token's K rows are mixed by its gates and summed over the slots, so the
-    forward sum is in a fixed order. Dropped and unused slots contribute zero.
-    The mix runs in the gates' precision (float32 from every router), outside autocast: the
-    gate gradient is the router's only signal from the task loss. Returns [T, D].
+    expert_out: [N, D]; gates: [T, K]. Each token's K rows are mixed by its gates and summed
+    over the slots in slot order, so the forward sum is in a fixed order. Dropped and unused
+    slots contribute zero. The mix runs in the gates' precision (float32 from every router),
+    outside autocast: the gate gradient is the router's only signal from the task loss.
+    On the CPU it runs a block of tokens at a time (no [T, K, D] buffer) with its one large
+    gradient on workspace storage. Returns [T, D].
     """
+    dtype = torch.promote_types(gates.dtype, expert_out.dtype)
+    with torch.autocast(device_type=expert_out.device.type, enabled=False):
+        expert_out, gates = expert_out.to(dtype), gates.to(dtype)
+        if expert_out.device.type == "cpu":
+            workspace = Workspace() if workspace is None else workspace
+            return _CombineRows.apply(expert_out, gates, plan, workspace)
+        return _combine_by_slot(expert_out, gates, plan)
+
+
+def _combine_by_slot(expert_out: Tensor, gates: Tensor, plan: DispatchPlan) -> Tensor:
+    """combine_rows through a [T, K, D] buffer: every output row written back to its (token,
+    slot) place, weighted by the gates and summed over the slots, all by autograd."""
     n_tokens, slots, width = plan.n_tokens, plan.slots_per_token, expert_out.shape[-1]
     by_slot = expert_out.new_zeros(n_tokens * slots, width)
     by_slot = by_slot.index_copy(0, plan.pair_index, expert_out)  # [P, D]
     by_slot = by_slot.view(n_tokens, slots, width)  # [T, K, D]
-    dtype = torch.promote_types(gates.dtype, expert_out.dtype)
-    with torch.autocast(device_type=expert_out.device.type, enabled=False):
-        # An elementwise product summed over the K slots, in slot order: on the CPU a bmm of
-        # T [1, K] x [K, D] products runs (and differentiates) matrix by matrix.
-        weights = gates.to(dtype).unsqueeze(-1)  # [T, K, 1]
-        return (by_slot.to(dtype) * weights).sum(1)  # [T, D]
+    # An elementwise product summed over the K slots, in slot order: a bmm of T [1, K] x [K, D]
+    # products would run (and differentiate) matrix by matrix.
+    return (by_slot * gates.unsqueeze(-1)).sum(1)  # [T, D]
+
+
+# Elements of one block of gathered rows in _CombineRows (1 MiB in float32: stays in cache).
+_COMBINE_BLOCK_ELEMENTS = 1 << 18
+
+
+class _CombineRows(torch.autograd.Function):
+    """combine_rows on the CPU. Forward, a block of tokens at a time: gather the block's K rows
+    per token (zero where a slot was dropped or unused), weight them by the gates and sum over
+    the slots. Backward: each kept row's gradient is gate · grad_y[token], and its gate's
+    gradient <grad_y[token], expert_out[row]>."""
+
+    @staticmethod
+    def forward(
+        ctx, expert_out: Tensor, gates: Tensor, plan: DispatchPlan, workspace: Workspace
+    ) -> Tensor:
+        n_tokens, slots, width = plan.n_tokens, plan.slots_per_token, expert_out.shape[-1]
+        n_rows = expert_out.shape[0]
+        # The row of each (token, slot) pair in expert_out, -1 where none.
+        row_of_pair = torch.full((n_tokens * slots,), -1, dtype=torch.long)
+        row_of_pair[plan.pair_index] = torch.arange(n_rows)
+        out = expert_out.new_zeros(n_tokens, width)
+        ctx.save_for_backward(expert_out, gates, plan.pair_index, plan.token_index)
+        ctx.n_tokens, ctx.workspace = n_tokens, workspace
+        if n_rows == 0:
+            return out
+        block = max(1, _COMBINE_BLOCK_ELEMENTS // (slots * width))
+        for first in range(0, n_tokens, block):
+            last = min(first + block, n_tokens)
+            rows = row_of_pair[first * slots : last * slots]  # [b·K]
+            kept = rows >= 0
+            picked = expert_out.index_select(0, rows.clamp(min=0))  # [b·K, D]
+            picked.masked_fill_(~kept.unsqueeze(-1), 0.0)
+            weighted = picked.view(last - first, slots, width) * gates[first:last].unsqueeze(-1)
+            torch.sum(weighted, 1, out=out[first:last])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        expert_out, gates, pair_index, token_index = ctx.saved_tensors
+        grad_y = grad_y.contiguous()
+        n_rows, width = expert_out.shape
+        grad_rows = ctx.workspace.empty("grad_combined_rows", (n_rows, width), expert_out)
+        grad_gate_of_row = expert_out.new_empty(n_rows)  # [N]
+        gate_of_row = gates.reshape(-1).index_select(0, pair_index)  # [N]
+        block = max(1, _COMBINE_BLOCK_ELEMENTS // width)
+        for first in range(0, n_rows, block):
+            part = slice(first, min(first + block, n_rows))
+            torch.index_select(grad_y, 0, token_index[part], out=grad_rows[part])
+            torch.sum(grad_rows[part] * expert_out[part], -1, out=grad_gate_of_row[part])
+            grad_rows[part].mul_(gate_of_row[part].unsqueeze(-1))
+        grad_gates = gates.new_zeros(gates.numel())
+        grad_gates[pair_index] = grad_gate_of_row
+        return grad_rows, grad_gates.view_as(gates), None, None

@@ -4,6 +4,11 @@ CPU one GEMM per expert on views of the rows (no copies), or one bmm over a view
 expert has the same number of rows (the strictly balanced gate of App. F in training); on CUDA
 in bf16 the grouped kernel; elsewhere a padded bmm; all behind grouped_matmul.
 
+On the CPU the bias-free expert (the paper's) runs as one function, expert by expert: both
+products and the ReLU of one expert while its rows are in cache, the ReLU and its derivative in
+place, and every large buffer (hidden rows, outputs, gradients) on storage reused from step to
+step (workspace.py), so that a step page-faults none of it in again.
+
 Index letters: N rows (tokens routed to experts, sorted by expert), E experts, D model width,
 H expert hidden width, C padded rows per expert.
 """
@@ -14,6 +19,8 @@ import math
 
 import torch
 from torch import Tensor, nn
+
+from .workspace import Workspace
 
 _GROUPED_MM_DTYPES = {
     # The CUDA kernel is written for bfloat16 (Hopper and newer); other dtypes use bmm below.
@@ -139,6 +146,13 @@ def _balanced_bmm(rows: Tensor, weight: Tensor, rows_each: int) -> Tensor:
     return torch.bmm(batch, weight).reshape(n_experts * rows_each, weight.shape[-1])  # [N, H]
 
 
+def _takes_balanced_bmm(counts: list[int], weight: Tensor) -> bool:
+    """Every expert has the same number of rows, and each expert's product is small."""
+    if not counts or counts[0] == 0 or min(counts) != max(counts):
+        return False
+    return counts[0] * weight.shape[1] * weight.shape[2] <= _BMM_MAX_MACS_PER_EXPERT
+
+
 def grouped_matmul(rows: Tensor, weight: Tensor, rows_per_expert: Tensor) -> Tensor:
     """Multiply each expert's contiguous block of rows by that expert's weight.
 
@@ -155,11 +169,97 @@ def grouped_matmul(rows: Tensor, weight: Tensor, rows_per_expert: Tensor) -> Ten
         return _GroupedMatmul.apply(rows, weight, offsets)
     if rows.device.type == "cpu":
         counts = rows_per_expert.tolist()
-        small = counts and counts[0] * weight.shape[1] * weight.shape[2] <= _BMM_MAX_MACS_PER_EXPERT
-        if small and counts[0] > 0 and min(counts) == max(counts):
+        if _takes_balanced_bmm(counts, weight):
             return _balanced_bmm(rows, weight, counts[0])
         return _PerExpertMatmul.apply(rows, weight, counts)
     return _padded_bmm(rows, weight, rows_per_expert)
+
+
+class _PerExpertFeedForward(torch.autograd.Function):
+    """ReLU(rows_e · w_in[e]) · w_out[e] for every expert e with rows, on the CPU: per expert,
+    two GEMMs on views with the ReLU in place between them; the backward per expert too, its
+    hidden gradient in one reused block and the ReLU's derivative applied in place. Outputs and
+    gradients are written once, block by block, on workspace storage; an expert with no rows
+    costs nothing but the zeroing of its blocks of the weight gradients (their true value)."""
+
+    @staticmethod
+    def forward(
+        ctx, rows: Tensor, w_in: Tensor, w_out: Tensor, counts: list[int], workspace: Workspace
+    ) -> Tensor:
+        n_rows = rows.shape[0]
+        hidden = workspace.empty("hidden", (n_rows, w_in.shape[-1]), rows)  # [N, H]
+        out = workspace.empty("output", (n_rows, w_out.shape[-1]), rows)  # [N, D]
+        start = 0
+        for expert, n in enumerate(counts):
+            if n:
+                block = slice(start, start + n)
+                torch.mm(rows[block], w_in[expert], out=hidden[block])
+                hidden[block].relu_()
+                torch.mm(hidden[block], w_out[expert], out=out[block])
+            start += n
+        ctx.save_for_backward(rows, w_in, w_out, hidden)
+        ctx.counts, ctx.workspace = counts, workspace
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        rows, w_in, w_out, hidden = ctx.saved_tensors
+        counts, workspace = ctx.counts, ctx.workspace
+        grad_out = grad_out.contiguous()
+        need_rows, need_in, need_out = ctx.needs_input_grad[:3]
+        grad_rows = workspace.empty("grad_rows", rows.shape, rows) if need_rows else None
+        grad_in = workspace.empty("grad_w_in", w_in.shape, w_in) if need_in else None
+        grad_out_w = workspace.empty("grad_w_out", w_out.shape, w_out) if need_out else None
+        # One expert's hidden gradient at a time, in the first rows of one block.
+        widest = max(counts, default=0)
+        grad_hidden = workspace.empty("grad_hidden", (widest, w_in.shape[-1]), rows)  # [n, H]
+        relu_backward = torch.ops.aten.threshold_backward.grad_input  # in place, with out=
+        start = 0
+        for expert, n in enumerate(counts):
+            if not n:
+                for grad in (grad_in, grad_out_w):
+                    if grad is not None:
+                        grad[expert].zero_()
+                continue
+            block = slice(start, start + n)
+            start += n
+            if grad_out_w is not None:
+                torch.mm(hidden[block].t(), grad_out[block], out=grad_out_w[expert])
+            if not (need_rows or need_in):
+                continue
+            grad_h = grad_hidden[:n]  # [n, H]
+            torch.mm(grad_out[block], w_out[expert].t(), out=grad_h)
+            # ReLU' from its output: 1 where the output is positive, as autograd's ReLU.
+            relu_backward(grad_h, hidden[block], 0, grad_input=grad_h)
+            if grad_in is not None:
+                torch.mm(rows[block].t(), grad_h, out=grad_in[expert])
+            if grad_rows is not None:
+                torch.mm(grad_h, w_in[expert].t(), out=grad_rows[block])
+        return grad_rows, grad_in, grad_out_w, None, None
+
+
+def expert_feed_forward(
+    rows: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    rows_per_expert: Tensor,
+    workspace: Workspace | None = None,
+) -> Tensor:
+    """ReLU(rows_e · w_in[e]) · w_out[e] for each expert's contiguous block of rows (bias-free
+    experts, App. C.1): rows [N, D] expert-contiguous, w_in [E, D, H], w_out [E, H, D'],
+    rows_per_expert [E] int64. Returns [N, D'].
+
+    The CPU takes the fused per-expert function above, except where every expert has the same
+    small number of rows (one bmm per product is faster then); every other case is two
+    grouped_matmul products with the ReLU between them.
+    """
+    if rows.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
+        counts = rows_per_expert.tolist()
+        if not _takes_balanced_bmm(counts, w_in) and w_in.dtype == rows.dtype == w_out.dtype:
+            workspace = Workspace() if workspace is None else workspace
+            return _PerExpertFeedForward.apply(rows, w_in, w_out, counts, workspace)
+    hidden = torch.relu(grouped_matmul(rows, w_in, rows_per_expert))
+    return grouped_matmul(hidden, w_out, rows_per_expert)
 
 
 class BatchedExperts(nn.Module):
@@ -200,6 +300,7 @@ class BatchedExperts(nn.Module):
         self.w_out = nn.Parameter(torch.empty(held, expert_hidden, d_model))
         self.b_in = nn.Parameter(torch.empty(held, expert_hidden)) if bias else None
         self.b_out = nn.Parameter(torch.empty(held, d_model)) if bias else None
+        self.workspace = Workspace()  # reused CPU buffers of the forward and backward
         self.reset_parameters()
 
     @torch.no_grad()
@@ -219,6 +320,10 @@ class BatchedExperts(nn.Module):
 
     def forward(self, rows: Tensor, rows_per_expert: Tensor) -> Tensor:
         """rows: [N, D] expert-contiguous; rows_per_expert: [E] int64. Returns [N, D]."""
+        if self.b_in is None:
+            return expert_feed_forward(
+                rows, self.w_in, self.w_out, rows_per_expert, self.workspace
+            )
         hidden = grouped_matmul(rows, self.w_in, rows_per_expert)  # [N, H]
         if self.b_in is not None:
             expert_of_row = torch.repeat_interleave(

@@ -17,6 +17,7 @@ from .experts import BatchedExperts
 from .parallel import ExpertDispatch, ParallelGroup
 from .routers import ROUTERS, build_router
 from .routing import Router, Routing
+from .workspace import Workspace
 
 
 @dataclass(frozen=True)
@@ -214,6 +215,7 @@ class MoELayer(nn.Module):
         self.experts = BatchedExperts(
             n_experts, d_model, expert_hidden, self.config.expert_bias, (first, last)
         )
+        self.workspace = Workspace()  # reused CPU buffers of the dispatch (workspace.py)
 
     @classmethod
     def from_config(
@@ -285,6 +287,7 @@ class MoELayer(nn.Module):
             self.config.experts_per_token,
             slot_priority,
             mask,
+            self.workspace,
         )
 
 

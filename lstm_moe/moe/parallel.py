@@ -43,6 +43,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .dispatch import DispatchPlan, combine_rows, expert_capacity, gather_rows, plan_dispatch
+from .workspace import Workspace
 
 
 class _SumOverRanks(torch.autograd.Function):
@@ -309,6 +310,7 @@ def mix_experts(
     experts_per_token: int = 1,
     slot_priority: bool = False,
     mask: Tensor | None = None,
+    workspace: Workspace | None = None,
 ) -> tuple[Tensor, ExpertDispatch]:
     """Σ_slot gates · expert(token) (Eq. 1) for this rank's tokens, the experts spread over the
     ranks of `group` (see the module docstring for the steps).
@@ -321,6 +323,7 @@ def mix_experts(
     (plan_dispatch); K must then be the same on every rank. mask: [T] bool, True for a real
     token, or None (all real): masked tokens are never dispatched, whatever expert_index says,
     get output 0, and are not counted in the global token count that sizes the capacity.
+    workspace: reused CPU buffers for the dispatch's rows and gradients (workspace.py).
     Returns ([T, D], ExpertDispatch). Every rank of the group must call it together.
     """
     world, rank = group.world_size, group.rank
@@ -351,7 +354,8 @@ def mix_experts(
     send_counts = blocks[rank].sum(-1)  # [W]
     from_each = blocks[:, rank]  # [W, L]
     recv_counts = from_each.sum(-1)  # [W]
-    received = group.all_to_all(gather_rows(tokens, plan), send_counts, recv_counts)  # [M, D]
+    rows = gather_rows(tokens, plan, workspace)  # [N, D]
+    received = group.all_to_all(rows, send_counts, recv_counts)  # [M, D]
     order = _expert_major_order(from_each)
     if order is not None:
         received = received.index_select(0, order)
@@ -359,7 +363,7 @@ def mix_experts(
     if order is not None:
         expert_out = expert_out.new_zeros(expert_out.shape).index_copy(0, order, expert_out)
     returned = group.all_to_all(expert_out, recv_counts, send_counts)  # [N, D], plan order
-    output = combine_rows(returned, gates, plan)  # [T, D]
+    output = combine_rows(returned, gates, plan, workspace)  # [T, D]
     return output, ExpertDispatch(plan, kept_all.sum(0), routed_all.sum((0, 1)), total_tokens)
 
 

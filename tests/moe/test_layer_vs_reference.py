@@ -1,5 +1,6 @@
 """The fast layer equals the token-by-token reference: outputs, losses and gradients, for every
-router, dropless and with capacity, in training (noisy) and evaluation mode."""
+router, dropless and with capacity, in training (noisy) and evaluation mode, in float32 and
+float64, with experts that receive no rows."""
 
 import pytest
 import torch
@@ -18,6 +19,10 @@ CASES = {
         n_experts=12, k=2, router="hierarchical", n_groups=3, k_groups=2, expert_bias=True
     ),
     "batchwise": dict(n_experts=6, k=2, router="batchwise", expert_bias=True),
+    # More experts than pairs: some experts receive no rows.
+    "noisy_topk_idle_experts": dict(n_experts=32, k=2, router="noisy_topk"),
+    "switch_top1": dict(n_experts=8, k=1, router="switch", w_z=1e-2),
+    "switch_top2": dict(n_experts=6, k=2, router="switch"),
 }
 
 
@@ -64,7 +69,7 @@ def slow(layer, x):
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("capacity_factor", [None, 0.75])
 @pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32-grouped", "fp64-bmm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 def test_matches_reference(case, capacity_factor, training, dtype):
     layer = make_layer(case, capacity_factor, dtype)
     layer.train(training)
