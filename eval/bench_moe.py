@@ -1,26 +1,33 @@
-"""Benchmark: the MoE layer's dispatch + experts against a dense FFN of the same active FLOPs,
-a per-expert loop, and one-hot (GShard-style) dispatch, forward + backward.
+"""Benchmark: the MoE layer as users run it — imported and called with its router, losses and
+statistics, in a process with default settings — against the designs of other projects and a
+dense FFN of the same active FLOPs, forward + backward.
 
-Every contender gets the same routing (a noisy top-k gate at its zero initialisation, the
-state training starts from, drawn from a fixed seed) and computes y = Σ_k gate · expert(x)
-for it, so the table compares the cost of moving tokens to experts and computing them. The
-gate's own cost, identical for every sparse contender, is reported separately (router_ms).
+Two tables, one per routing:
+  k = 4, the 2017 layer: noisy top-k gating, dropless (router "noisy_topk").
+      moe                this project's MoELayer.
+      sparse_dispatcher  tensor2tensor's SparseDispatcher design (eval/moe_peers.py).
+      dense              D -> 4·H -> D.
+  k = 1, Switch: top-1, capacity factor 1.25 (router "switch").
+      moe                this project's MoELayer.
+      switch_loop        Hugging Face's Switch design (eval/moe_peers.py).
+      transformers       transformers' own SwitchTransformersSparseMLP, where the package is
+                         importable (a side environment; never a dependency of this project).
+      dense              D -> H -> D.
+Every layer is bias-free (App. C.1) and starts from its own initialisation (the 2017 gates at
+zero: routing uniform at random; Switch routers at their reduced initialisation). The loss is
+a fixed random projection of the output plus the layer's auxiliary loss. For moe the router's
+own forward + backward is timed as well (router ms, part of moe ms).
 
-  (moe)    this project: stable sort by expert, grouped matmul over [E, D, H] weights.
-  (dense)  x -> Linear(D, k·H) -> ReLU -> Linear(k·H, D): the FLOPs the MoE spends per token.
-  (loop)   for each expert: boolean mask, its own Linear-ReLU-Linear module, index_add back.
-  (onehot) [T, E, C] dispatch and combine tensors with einsum, capacity factor 1.25.
-
-Every contender's layers are bias-free, like the paper's experts (App. C.1).
-
-Each contender runs in its own process so that its peak memory (max RSS above the process's
-baseline after start-up, or CUDA max_memory_allocated) is its own. Time is the median of
---repeats runs after --warmup runs; parameter gradients are reset to None before each run, as
-optimizer.zero_grad() does, so every run allocates its weight gradients afresh.
+Each contender runs in its own process, so that its peak memory (max RSS above the process's
+baseline, parameters included, or CUDA max_memory_allocated) is its own and no contender runs
+on memory another one left behind. Time is the median of --repeats steps after --warmup steps;
+gradients are reset to None before each step, as optimizer.zero_grad() does. Transparent huge
+pages stay as the system sets them unless --hugepages is given.
 
     python -m eval.bench_moe --json bench/bench_moe.json --markdown bench/bench_moe.md
 
-Exit status: 2 for a bad option (checked before anything runs), 1 if a contender failed.
+Exit status: 2 for a bad option (checked before anything runs), 1 if this project's layer
+failed at some size.
 """
 
 from __future__ import annotations
@@ -37,124 +44,83 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
-from lstm_moe.moe import MoELayer, NoisyTopKRouter
+from eval.moe_peers import DenseFFN, SparseDispatcherMoE, SwitchLoopMoE
+from lstm_moe.moe import MoELayer
 from lstm_moe.runtime import enable_cpu_hugepages
 
-CONTENDERS = ("moe", "dense", "loop", "onehot")
-ONEHOT_CAPACITY_FACTOR = 1.25
-# (n_experts, expert_hidden) of the paper-scale table: T=8192, D=512, k=4.
-DEFAULT_SIZES = ((4, 1024), (32, 1024), (256, 1024), (1024, 1024), (4096, 256))
+SWITCH_CAPACITY_FACTOR = 1.25
+CONTENDERS = {
+    4: ("moe", "sparse_dispatcher", "dense"),
+    1: ("moe", "switch_loop", "transformers", "dense"),
+}
+PEERS = {4: ("sparse_dispatcher",), 1: ("switch_loop", "transformers")}
+ALL_CONTENDERS = ("moe", "sparse_dispatcher", "switch_loop", "transformers", "dense")
+DEFAULT_EXPERTS = (4, 32, 256, 1024)
 
 
 # ----------------------------------------------------------------------------- contenders
 
 
-class DenseFFN(nn.Module):
-    """D -> k·H -> D: the per-token FLOPs of k experts of width H."""
+class TransformersSwitch(nn.Module):
+    """transformers' SwitchTransformersSparseMLP on [1, T, D], float32 router, ReLU experts,
+    capacity ceil(1.25·T/E). Its auxiliary losses are computed by the model around it, so the
+    loss here is the output's alone."""
 
-    def __init__(self, d_model: int, hidden: int, bias: bool = False):
+    def __init__(self, d_model: int, n_experts: int, hidden: int, capacity_factor: float):
         super().__init__()
-        self.inner = nn.Linear(d_model, hidden, bias=bias)
-        self.outer = nn.Linear(hidden, d_model, bias=bias)
-
-    def forward(self, x: Tensor, expert_index: Tensor, gates: Tensor) -> Tensor:
-        return self.outer(torch.relu(self.inner(x)))
-
-
-class LoopMoE(nn.Module):
-    """The per-expert loop used by most MoE ports: one module per expert, a boolean mask to
-    find its tokens, and index_add to put the gated outputs back."""
-
-    def __init__(self, n_experts: int, d_model: int, hidden: int, bias: bool = False):
-        super().__init__()
-        self.experts = nn.ModuleList(
-            nn.Sequential(
-                nn.Linear(d_model, hidden, bias=bias),
-                nn.ReLU(),
-                nn.Linear(hidden, d_model, bias=bias),
-            )
-            for _ in range(n_experts)
+        from transformers import SwitchTransformersConfig
+        from transformers.models.switch_transformers.modeling_switch_transformers import (
+            SwitchTransformersSparseMLP,
         )
 
-    def forward(self, x: Tensor, expert_index: Tensor, gates: Tensor) -> Tensor:
-        out = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):
-            token, slot = (expert_index == e).nonzero(as_tuple=True)
-            if token.numel() == 0:
-                continue
-            out = out.index_add(0, token, expert(x[token]) * gates[token, slot].unsqueeze(1))
-        return out
+        self.capacity_factor, self.n_experts = capacity_factor, n_experts
+        self.config = SwitchTransformersConfig(
+            d_model=d_model, d_ff=hidden, num_experts=n_experts, expert_capacity=1,
+            router_bias=False, router_jitter_noise=0.01, router_dtype="float32",
+            dense_act_fn="relu", dropout_rate=0.0,
+        )  # fmt: skip
+        self.mlp = SwitchTransformersSparseMLP(self.config)
+
+    def forward(self, x):
+        capacity = math.ceil(self.capacity_factor * x.shape[0] / self.n_experts)
+        self.mlp.router.expert_capacity = capacity
+        out = self.mlp(x.unsqueeze(0))
+        out = out[0] if isinstance(out, tuple) else out
+        return out.squeeze(0), x.new_zeros(())
 
 
-class OneHotMoE(nn.Module):
-    """GShard-style dispatch: dense one-hot [T, E, C] dispatch and combine tensors and einsum.
-    Positions are given slot by slot (every token's first choice before any second choice),
-    and pairs past the capacity C are dropped.
-
-    Index letters: t token, k slot, e expert, c capacity slot, d model width, h hidden width.
-    """
-
-    def __init__(
-        self, n_experts: int, d_model: int, hidden: int, capacity_factor: float, bias: bool = False
-    ):
-        super().__init__()
-        self.n_experts, self.capacity_factor = n_experts, capacity_factor
-        bound_in, bound_out = 1 / math.sqrt(d_model), 1 / math.sqrt(hidden)
-        self.w_in = nn.Parameter(
-            torch.empty(n_experts, d_model, hidden).uniform_(-bound_in, bound_in)
-        )
-        self.b_in = nn.Parameter(torch.zeros(n_experts, hidden)) if bias else None
-        self.w_out = nn.Parameter(
-            torch.empty(n_experts, hidden, d_model).uniform_(-bound_out, bound_out)
-        )
-        self.b_out = nn.Parameter(torch.zeros(n_experts, d_model)) if bias else None
-
-    def forward(self, x: Tensor, expert_index: Tensor, gates: Tensor) -> Tensor:
-        n_tokens, k = expert_index.shape
-        n_experts = self.n_experts
-        capacity = math.ceil(self.capacity_factor * n_tokens * k / n_experts)
-        one_hot = F.one_hot(expert_index.t().reshape(-1), n_experts)  # [K*T, E], slot-major
-        position = (one_hot.cumsum(0) - 1).mul(one_hot).sum(-1)  # [K*T]
-        position = position.view(k, n_tokens).t()  # [T, K]
-        keep = position < capacity  # [T, K]
-        column = (expert_index * capacity + position.clamp(max=capacity - 1)).masked_fill(~keep, 0)
-        dispatch = x.new_zeros(n_tokens, n_experts * capacity)
-        dispatch = dispatch.scatter(1, column, keep.to(x.dtype)).view(n_tokens, n_experts, capacity)
-        combine = x.new_zeros(n_tokens, n_experts * capacity)
-        combine = combine.scatter(1, column, gates * keep).view(n_tokens, n_experts, capacity)
-        expert_in = torch.einsum("tec,td->ecd", dispatch, x)  # [E, C, D]
-        hidden = torch.einsum("ecd,edh->ech", expert_in, self.w_in)  # [E, C, H]
-        if self.b_in is not None:
-            hidden = hidden + self.b_in[:, None]
-        expert_out = torch.einsum("ech,ehd->ecd", torch.relu(hidden), self.w_out)  # [E, C, D]
-        if self.b_out is not None:
-            expert_out = expert_out + self.b_out[:, None]
-        return torch.einsum("tec,ecd->td", combine, expert_out)  # [T, D]
+def transformers_available() -> bool:
+    try:
+        from transformers.models.switch_transformers import modeling_switch_transformers  # noqa: F401
+    except Exception:
+        return False
+    return True
 
 
-class ProjectMoE(nn.Module):
-    """This project's layer, fed the shared routing (its router is not used here)."""
-
-    def __init__(self, n_experts: int, d_model: int, hidden: int, k: int, bias: bool = False):
-        super().__init__()
-        self.layer = MoELayer(d_model, n_experts, hidden, k, expert_bias=bias)
-        del self.layer.router
-
-    def forward(self, x: Tensor, expert_index: Tensor, gates: Tensor) -> Tensor:
-        return self.layer.mix_experts(x, expert_index, gates)[0]
-
-
-def build_contender(name: str, n_experts: int, d_model: int, hidden: int, k: int) -> nn.Module:
-    if name == "moe":
-        return ProjectMoE(n_experts, d_model, hidden, k)
+def build_contender(name: str, k: int, n_experts: int, d_model: int, hidden: int) -> nn.Module:
+    """The contender `name` of the k table; forward(x [T, D]) -> (y, aux) or MoEOutput."""
     if name == "dense":
         return DenseFFN(d_model, k * hidden)
-    if name == "loop":
-        return LoopMoE(n_experts, d_model, hidden)
-    return OneHotMoE(n_experts, d_model, hidden, ONEHOT_CAPACITY_FACTOR)
+    if name == "moe":
+        if k == 1:
+            options = dict(router="switch", capacity_factor=SWITCH_CAPACITY_FACTOR)
+            return MoELayer(d_model, n_experts, hidden, 1, **options)
+        return MoELayer(d_model, n_experts, hidden, k)
+    if name == "sparse_dispatcher":
+        return SparseDispatcherMoE(d_model, n_experts, hidden, k)
+    if name == "switch_loop":
+        return SwitchLoopMoE(d_model, n_experts, hidden, SWITCH_CAPACITY_FACTOR)
+    if name == "transformers":
+        return TransformersSwitch(d_model, n_experts, hidden, SWITCH_CAPACITY_FACTOR)
+    raise ValueError(f"unknown contender {name!r}")
+
+
+def _output_and_loss(result) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(result, tuple):
+        return result
+    return result.output, result.aux_loss
 
 
 # ----------------------------------------------------------------------------- one process
@@ -184,39 +150,23 @@ def _max_rss_mb() -> float:
 
 def run_worker(args: argparse.Namespace) -> dict:
     """Time one contender at one size; returns {"ms", "peak_mb", "router_ms"?}."""
-    enable_cpu_hugepages()
+    if args.hugepages:
+        enable_cpu_hugepages()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.set_grad_enabled(True)
     baseline_mb = _max_rss_mb()
     torch.manual_seed(0)
-    x = torch.randn(args.tokens, args.d_model, device=device)
-    router = NoisyTopKRouter(args.d_model, args.n_experts, args.k).to(device).train()
-    routing = router(x)  # zero-initialised gate: the routing training starts from
-    expert_index = routing.expert_index.detach()
-    gates = routing.gates.detach().to(dtype).requires_grad_()
-    x = x.to(dtype).requires_grad_()
-    grad_out = torch.randn_like(x)
+    model = build_contender(args.worker, args.k, args.n_experts, args.d_model, args.expert_hidden)
+    model = model.to(device=device, dtype=dtype).train()
+    x = torch.randn(args.tokens, args.d_model, device=device, dtype=dtype, requires_grad=True)
+    projection = torch.randn_like(x)
     result: dict = {}
-
-    if args.contender == "moe":
-
-        def router_step():
-            router.zero_grad(set_to_none=True)
-            out = router(x)
-            (out.gates.sum() + out.aux_loss).backward()
-
-        result["router_ms"] = _time_runs(router_step, device, args.warmup, args.repeats)
-
-    torch.manual_seed(1)
-    model = build_contender(
-        args.contender, args.n_experts, args.d_model, args.expert_hidden, args.k
-    )
-    model = model.to(device=device, dtype=dtype)
 
     def step():
         model.zero_grad(set_to_none=True)
-        x.grad = gates.grad = None
-        model(x, expert_index, gates).backward(grad_out)
+        x.grad = None
+        out, aux = _output_and_loss(model(x))
+        ((out * projection).sum() + aux).backward()
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -225,24 +175,34 @@ def run_worker(args: argparse.Namespace) -> dict:
         result["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     else:
         result["peak_mb"] = _max_rss_mb() - baseline_mb
+    if args.worker == "moe":
+
+        def router_step():
+            model.router.zero_grad(set_to_none=True)
+            routing = model.router(x.detach())
+            (routing.gates.sum() + routing.aux_loss).backward()
+
+        result["router_ms"] = _time_runs(router_step, device, args.warmup, args.repeats)
     return result
 
 
 # ----------------------------------------------------------------------------- driver
 
 
-def _run_in_subprocess(args: argparse.Namespace, contender: str, n_experts: int, hidden: int):
+def _run_in_subprocess(args, contender: str, k: int, n_experts: int, hidden: int):
     command = [
-        sys.executable, "-m", "eval.bench_moe", "--worker", contender,
+        sys.executable, "-m", "eval.bench_moe", "--worker", contender, "--k", str(k),
         "--n-experts", str(n_experts), "--expert-hidden", str(hidden),
-        "--tokens", str(args.tokens), "--d-model", str(args.d_model), "--k", str(args.k),
+        "--tokens", str(args.tokens), "--d-model", str(args.d_model),
         "--warmup", str(args.warmup), "--repeats", str(args.repeats),
         "--device", args.device, "--dtype", args.dtype,
     ]  # fmt: skip
+    if args.hugepages:
+        command.append("--hugepages")
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-        print(f"  {contender} at E={n_experts} failed: {tail[0]}", file=sys.stderr)
+        print(f"  {contender} (k={k}) at E={n_experts} failed: {tail[0]}", file=sys.stderr)
         return None
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -253,133 +213,144 @@ def _device_name(device: str) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
-def markdown_table(report: dict) -> str:
-    lines = [
-        f"MoE layer forward+backward, {report['device']}, {report['dtype']}, "
-        f"T={report['tokens']} tokens, D={report['d_model']}, k={report['k']} "
-        f"(median of {report['repeats']} after {report['warmup']} warm-up).",
-        "",
-        "| E | H | moe ms | dense ms | loop ms | one-hot ms | router ms | moe/dense | "
-        "dense/moe | loop/moe | one-hot/moe | moe peak MB |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-
-    def fmt(value, pattern="{:.0f}"):
-        return "n/a" if value is None else pattern.format(value)
-
-    for row in report["rows"]:
-        ratios = row["ratios"]
-        lines.append(
-            f"| {row['n_experts']} | {row['expert_hidden']} | {fmt(row['moe_ms'])} | "
-            f"{fmt(row['dense_ms'])} | {fmt(row['loop_ms'])} | {fmt(row['onehot_ms'])} | "
-            f"{fmt(row['router_ms'])} | {fmt(ratios['moe_over_dense'], '{:.2f}')} | "
-            f"{fmt(ratios['dense_over_moe'], '{:.2f}')} | "
-            f"{fmt(ratios['loop_over_moe'], '{:.1f}')} | "
-            f"{fmt(ratios['onehot_over_moe'], '{:.1f}')} | {fmt(row['peak_mb'])} |"
-        )
-    scaling = report.get("moe_time_ratio_largest_over_smallest_E_at_same_H")
-    if scaling is not None:
-        lines += ["", f"time(E={scaling['large_E']}) / time(E={scaling['small_E']}) at "
-                      f"H={scaling['expert_hidden']}: {scaling['ratio']:.2f}"]  # fmt: skip
-    return "\n".join(lines) + "\n"
-
-
 def _ratio(a, b):
     return None if a is None or b is None else a / b
 
 
+def _fmt(value, pattern="{:.0f}"):
+    return "n/a" if value is None else pattern.format(value)
+
+
+ROUTING_TITLES = {
+    4: "k = 4: noisy top-k gating (Shazeer et al. 2017), dropless",
+    1: f"k = 1: Switch routing, capacity factor {SWITCH_CAPACITY_FACTOR}",
+}
+
+
+def markdown_table(report: dict) -> str:
+    lines = [
+        f"MoE layer with its router, forward + backward, {report['device']}, {report['dtype']}, "
+        f"T={report['tokens']} tokens, D={report['d_model']} (median of {report['repeats']} "
+        f"after {report['warmup']} warm-up; transparent huge pages "
+        f"{'on' if report['hugepages'] else 'as the system sets them'}).",
+    ]
+    for table in report["tables"]:
+        k, contenders = table["k"], table["contenders"]
+        peers = [c for c in contenders if c not in ("moe", "dense")]
+        header = ["E", "H", "moe ms", "router ms", *(f"{c} ms" for c in peers), "dense ms"]
+        header += [f"{c}/moe" for c in peers] + ["dense/moe"]
+        header += [f"{c} MB" for c in contenders]
+        lines += ["", f"### {ROUTING_TITLES.get(k, f'k = {k}')}", ""]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
+        for row in table["rows"]:
+            ms, mb = row["ms"], row["peak_mb"]
+            cells = [str(row["n_experts"]), str(row["expert_hidden"]), _fmt(ms.get("moe")),
+                     _fmt(row.get("router_ms"))]  # fmt: skip
+            cells += [_fmt(ms.get(c)) for c in peers] + [_fmt(ms.get("dense"))]
+            cells += [_fmt(_ratio(ms.get(c), ms.get("moe")), "{:.2f}") for c in peers]
+            cells += [_fmt(_ratio(ms.get("dense"), ms.get("moe")), "{:.2f}")]
+            cells += [_fmt(mb.get(c)) for c in contenders]
+            lines.append("| " + " | ".join(cells) + " |")
+        missing = table.get("unavailable")
+        if missing:
+            lines += ["", f"Not run: {', '.join(missing)} (not importable here)."]
+    return "\n".join(lines) + "\n"
+
+
 def run_driver(args: argparse.Namespace) -> dict:
-    rows = []
-    sizes = list(zip(args.experts, args.hidden, strict=True))
-    for n_experts, hidden in sizes:
-        measured = {}
-        for contender in args.contenders:
-            measured[contender] = _run_in_subprocess(args, contender, n_experts, hidden)
-            ms = measured[contender]["ms"] if measured[contender] else None
-            print(f"E={n_experts:5d} H={hidden:5d} {contender:7s} "
-                  f"{'failed' if ms is None else f'{ms:9.1f} ms'}", flush=True)  # fmt: skip
-        ms = {c: (measured.get(c) or {}).get("ms") for c in CONTENDERS}
-        moe = measured.get("moe") or {}
-        rows.append({
-            "n_experts": n_experts, "expert_hidden": hidden, "tokens": args.tokens,
-            "d_model": args.d_model, "k": args.k,
-            "moe_ms": ms["moe"], "dense_ms": ms["dense"], "loop_ms": ms["loop"],
-            "onehot_ms": ms["onehot"], "router_ms": moe.get("router_ms"),
-            "peak_mb": moe.get("peak_mb"),
-            "peak_mb_by_contender": {c: (measured.get(c) or {}).get("peak_mb") for c in CONTENDERS},
-            "ratios": {
-                "moe_over_dense": _ratio(ms["moe"], ms["dense"]),
-                "dense_over_moe": _ratio(ms["dense"], ms["moe"]),
-                "loop_over_moe": _ratio(ms["loop"], ms["moe"]),
-                "onehot_over_moe": _ratio(ms["onehot"], ms["moe"]),
-            },
-        })  # fmt: skip
-    report = {
+    have_transformers = transformers_available()
+    tables = []
+    for k in args.k:
+        contenders = [c for c in CONTENDERS[k] if c in args.contenders]
+        unavailable = [c for c in contenders if c == "transformers" and not have_transformers]
+        contenders = [c for c in contenders if c not in unavailable]
+        rows = []
+        for n_experts in args.experts:
+            ms, peak_mb, router_ms = {}, {}, None
+            for contender in contenders:
+                measured = _run_in_subprocess(args, contender, k, n_experts, args.hidden)
+                ms[contender] = measured["ms"] if measured else None
+                peak_mb[contender] = measured["peak_mb"] if measured else None
+                if measured and contender == "moe":
+                    router_ms = measured["router_ms"]
+                shown = "failed" if ms[contender] is None else f"{ms[contender]:9.1f} ms"
+                print(
+                    f"k={k} E={n_experts:5d} H={args.hidden:5d} {contender:18s} {shown}", flush=True
+                )
+            rows.append({
+                "n_experts": n_experts, "expert_hidden": args.hidden, "ms": ms,
+                "peak_mb": peak_mb, "router_ms": router_ms,
+                "ratios": {f"{c}_over_moe": _ratio(ms.get(c), ms.get("moe"))
+                           for c in contenders if c != "moe"},
+            })  # fmt: skip
+        table = {"k": k, "contenders": contenders, "rows": rows}
+        if unavailable:
+            table["unavailable"] = unavailable
+        tables.append(table)
+    return {
         "device": _device_name(args.device),
         "dtype": args.dtype,
         "torch": torch.__version__,
         "tokens": args.tokens,
         "d_model": args.d_model,
-        "k": args.k,
         "warmup": args.warmup,
         "repeats": args.repeats,
-        "rows": rows,
+        "hugepages": args.hugepages,
+        "tables": tables,
     }
-    same_h = [r for r in rows if r["expert_hidden"] == rows[0]["expert_hidden"] and r["moe_ms"]]
-    if len(same_h) >= 2:
-        small, large = (
-            min(same_h, key=lambda r: r["n_experts"]),
-            max(same_h, key=lambda r: r["n_experts"]),
-        )
-        report["moe_time_ratio_largest_over_smallest_E_at_same_H"] = {
-            "small_E": small["n_experts"], "large_E": large["n_experts"],
-            "expert_hidden": small["expert_hidden"], "ratio": large["moe_ms"] / small["moe_ms"],
-        }  # fmt: skip
-    return report
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m eval.bench_moe",
-        description="Time the MoE layer against dense, per-expert-loop and one-hot contenders.",
+        description="Time the MoE layer, router included, against other projects' designs and "
+        "a dense FFN of the same active FLOPs, for k = 4 (noisy top-k) and k = 1 (Switch).",
     )
     parser.add_argument("--json", type=Path, help="write the report here (JSON)")
-    parser.add_argument("--markdown", type=Path, help="write the table here (markdown)")
+    parser.add_argument("--markdown", type=Path, help="write the tables here (markdown)")
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--d-model", type=int, default=512)
-    parser.add_argument("--k", type=int, default=4)
-    parser.add_argument("--experts", type=int, nargs="+", default=[e for e, _ in DEFAULT_SIZES])
+    parser.add_argument("--hidden", type=int, default=1024, help="expert hidden width H")
+    parser.add_argument("--experts", type=int, nargs="+", default=list(DEFAULT_EXPERTS))
     parser.add_argument(
-        "--hidden", type=int, nargs="+", default=[h for _, h in DEFAULT_SIZES],
-        help="expert hidden width for each --experts entry",
+        "--k", type=int, nargs="+", default=[4, 1], choices=sorted(CONTENDERS),
+        help="which tables: 4 (noisy top-k, dropless) and/or 1 (Switch, capacity 1.25)",
     )  # fmt: skip
-    parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
+    parser.add_argument(
+        "--contenders", nargs="+", default=list(ALL_CONTENDERS), choices=ALL_CONTENDERS
+    )
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--dtype", default=None, choices=["float32", "bfloat16"],
-        help="expert dtype (default: float32 on CPU, bfloat16 on CUDA; the router is float32)",
+        help="expert dtype (default: float32 on CPU, bfloat16 on CUDA; routers run in float32)",
     )  # fmt: skip
-    parser.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--hugepages", action="store_true",
+        help="back large CPU tensors with transparent huge pages in every contender "
+        "(THP_MEM_ALLOC_ENABLE=1); off by default, as in a user's process",
+    )  # fmt: skip
+    parser.add_argument("--worker", choices=ALL_CONTENDERS, help=argparse.SUPPRESS)
     parser.add_argument("--n-experts", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--expert-hidden", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.dtype is None:
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
-    if len(args.hidden) == 1:
-        args.hidden = args.hidden * len(args.experts)
-    if len(args.hidden) != len(args.experts):
-        parser.error("--hidden takes one value, or one per --experts entry")
     if args.worker:
+        args.k = args.k[0]
         return args
     # Bad values are refused here, with exit status 2, rather than by every worker in turn.
-    if min(args.tokens, args.d_model, args.k, args.repeats, *args.experts, *args.hidden) < 1:
-        parser.error("--tokens, --d-model, --k, --experts, --hidden and --repeats must be >= 1")
+    if min(args.tokens, args.d_model, args.hidden, args.repeats, *args.experts) < 1:
+        parser.error("--tokens, --d-model, --hidden, --experts and --repeats must be >= 1")
     if args.warmup < 0:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
-    if min(args.experts) < args.k:
-        parser.error(f"every --experts value must be >= --k ({args.k}), got {min(args.experts)}")
+    if min(args.experts) < max(args.k):
+        parser.error(
+            f"every --experts value must be >= --k ({max(args.k)}), got {min(args.experts)}"
+        )
+    if "moe" not in args.contenders:
+        parser.error("--contenders must include moe (every ratio is against it)")
     check_device(parser, args.device)
     check_output_paths(parser, args.json, args.markdown)
     return args
@@ -418,7 +389,6 @@ def write_report(report: dict, table: str, json_path: Path | None, markdown_path
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
-        args.contender = args.worker
         print(json.dumps(run_worker(args)))
         return 0
     report = run_driver(args)
@@ -426,7 +396,7 @@ def main(argv=None) -> int:
     print()
     print(table)
     write_report(report, table, args.json, args.markdown)
-    failed = [r for r in report["rows"] if r["moe_ms"] is None]
+    failed = [r for t in report["tables"] for r in t["rows"] if r["ms"].get("moe") is None]
     return 1 if failed else 0
 
 

@@ -1,5 +1,5 @@
-"""The benchmark's contenders compute the same function, and its CLI writes the documented
-report. (Speed itself is measured by `make bench`, never asserted here.)"""
+"""The benchmark's peer designs compute the layer they stand for, and its CLI writes the
+documented report. (Speed itself is measured by `make bench`, never asserted here.)"""
 
 import json
 import subprocess
@@ -8,69 +8,96 @@ import sys
 import pytest
 import torch
 
-from eval.bench_moe import LoopMoE, OneHotMoE, ProjectMoE, main
+from eval.bench_moe import main
+from eval.moe_peers import DenseFFN, SparseDispatcherMoE, SwitchLoopMoE
+from lstm_moe.moe import MoELayer
+
+D, H, E, T = 16, 8, 6, 40
 
 
-def test_contenders_compute_the_same_moe():
-    torch.manual_seed(0)
-    n_experts, d_model, hidden, k, tokens = 5, 16, 8, 2, 40
-    moe = ProjectMoE(n_experts, d_model, hidden, k, bias=True)
-    loop = LoopMoE(n_experts, d_model, hidden, bias=True)
-    onehot = OneHotMoE(n_experts, d_model, hidden, float(n_experts), bias=True)  # no drops
-    experts = moe.layer.experts
+def _copy_experts(layer: MoELayer, peer) -> None:
     with torch.no_grad():
-        for e, module in enumerate(loop.experts):
-            module[0].weight.copy_(experts.w_in[e].t())
-            module[0].bias.copy_(experts.b_in[e])
-            module[2].weight.copy_(experts.w_out[e].t())
-            module[2].bias.copy_(experts.b_out[e])
-        onehot.load_state_dict(
-            {
-                "w_in": experts.w_in,
-                "b_in": experts.b_in,
-                "w_out": experts.w_out,
-                "b_out": experts.b_out,
-            }
+        for e, module in enumerate(peer.experts):
+            module[0].weight.copy_(layer.experts.w_in[e].t())
+            module[2].weight.copy_(layer.experts.w_out[e].t())
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_the_sparse_dispatcher_design_is_the_noisy_top_k_layer(training):
+    """Same weights and the same noise draw: the same output and auxiliary loss as MoELayer."""
+    torch.manual_seed(0)
+    layer = MoELayer(D, E, H, 2).train(training)
+    peer = SparseDispatcherMoE(D, E, H, 2).train(training)
+    with torch.no_grad():
+        layer.router.w_gate.normal_(0, 0.5)
+        layer.router.w_noise.normal_(0, 0.5)
+        peer.w_gate.copy_(layer.router.w_gate)
+        peer.w_noise.copy_(layer.router.w_noise)
+    _copy_experts(layer, peer)
+    x = torch.randn(T, D)
+    torch.manual_seed(1)
+    want = layer(x)
+    torch.manual_seed(1)
+    got, aux = peer(x)
+    torch.testing.assert_close(got, want.output)
+    torch.testing.assert_close(aux, want.aux_loss)
+
+
+def test_the_switch_loop_design_is_the_switch_layer_where_nothing_is_dropped():
+    torch.manual_seed(0)
+    layer = MoELayer(D, E, H, 1, "switch", capacity_factor=float(E)).eval()
+    peer = SwitchLoopMoE(D, E, H, capacity_factor=float(E)).eval()
+    with torch.no_grad():
+        peer.router.weight.copy_(layer.router.w_router.t())
+    _copy_experts(layer, peer)
+    x = torch.randn(T, D)
+    want = layer(x)
+    got, aux = peer(x)
+    torch.testing.assert_close(got, want.output)
+    torch.testing.assert_close(aux, want.aux_loss)
+
+
+def test_the_switch_loop_design_passes_dropped_tokens_through_scaled_by_their_probability():
+    torch.manual_seed(0)
+    peer = SwitchLoopMoE(D, 2, H, capacity_factor=0.25).eval()  # 5 of 40 tokens per expert
+    x = torch.randn(T, D)
+    out, _ = peer(x)
+    probs = torch.softmax(peer.router(x), -1)
+    chosen = probs.argmax(-1)
+    for expert in range(2):
+        tokens = (chosen == expert).nonzero().flatten()
+        dropped = tokens[5:]
+        torch.testing.assert_close(
+            out[dropped], probs[dropped].max(-1).values[:, None] * x[dropped]
         )
-    x = torch.randn(tokens, d_model)
-    expert_index = torch.stack([torch.randperm(n_experts)[:k] for _ in range(tokens)])
-    gates = torch.softmax(torch.randn(tokens, k), -1)
-    want = moe(x, expert_index, gates)
-    torch.testing.assert_close(loop(x, expert_index, gates), want)
-    torch.testing.assert_close(onehot(x, expert_index, gates), want)
 
 
-def test_onehot_drops_over_capacity_like_the_dispatcher():
-    """With capacity 1 per expert and slot-major priority, only first choices that are the
-    first for their expert survive."""
-    onehot = OneHotMoE(2, 4, 4, capacity_factor=0.5)  # C = ceil(0.5 · 4 · 1 / 2) = 1
-    x = torch.randn(4, 4)
-    expert_index = torch.tensor([[0], [0], [1], [1]])
-    gates = torch.ones(4, 1)
-    out = onehot(x, expert_index, gates)
-    assert out[1].abs().sum() == 0 and out[3].abs().sum() == 0
-    assert out[0].abs().sum() > 0 and out[2].abs().sum() > 0
+def test_the_dense_contender_has_the_width_of_k_experts():
+    dense = DenseFFN(D, 4 * H)
+    assert dense.inner.weight.shape == (4 * H, D) and dense.outer.weight.shape == (D, 4 * H)
 
 
-def test_cli_writes_json_and_markdown(tmp_path):
+def test_cli_writes_both_tables_as_json_and_markdown(tmp_path):
     json_path, md_path = tmp_path / "b.json", tmp_path / "b.md"
     command = [
         sys.executable, "-m", "eval.bench_moe", "--tokens", "64", "--d-model", "16",
-        "--experts", "2", "4", "--hidden", "16", "--k", "2", "--repeats", "1", "--warmup", "0",
+        "--experts", "4", "--hidden", "16", "--repeats", "1", "--warmup", "0",
         "--json", str(json_path), "--markdown", str(md_path),
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     report = json.loads(json_path.read_text())
-    assert report["device"]
-    assert [row["n_experts"] for row in report["rows"]] == [2, 4]
-    for row in report["rows"]:
-        for key in ("n_experts", "expert_hidden", "tokens", "k", "moe_ms", "dense_ms", "loop_ms",
-                    "onehot_ms", "peak_mb"):  # fmt: skip
-            assert key in row, key
-        for key in ("moe_ms", "dense_ms", "loop_ms", "onehot_ms"):
-            assert row[key] > 0
-    assert "| E | H |" in md_path.read_text()
+    assert report["device"] and report["hugepages"] is False
+    assert [table["k"] for table in report["tables"]] == [4, 1]
+    for table in report["tables"]:
+        assert [row["n_experts"] for row in table["rows"]] == [4]
+        assert {"moe", "dense"} <= set(table["contenders"])
+        for row in table["rows"]:
+            for contender in table["contenders"]:
+                assert row["ms"][contender] > 0 and row["peak_mb"][contender] is not None
+            assert row["router_ms"] > 0
+    text = md_path.read_text()
+    assert "sparse_dispatcher/moe" in text and "switch_loop/moe" in text and "| E | H |" in text
     assert f"wrote {json_path}" in done.stdout
 
 
@@ -78,9 +105,10 @@ def test_cli_writes_json_and_markdown(tmp_path):
     ("argv", "message"),
     [
         (["--tokens", "0"], "must be >= 1"),
-        (["--experts", "4", "8", "--hidden", "16", "0"], "must be >= 1"),
+        (["--hidden", "0"], "must be >= 1"),
         (["--warmup", "-1"], "--warmup must be >= 0"),
-        (["--experts", "2", "--hidden", "8", "--k", "4"], "must be >= --k"),
+        (["--experts", "2", "--k", "4"], "must be >= --k"),
+        (["--contenders", "dense"], "must include moe"),
         (["--device", "gpu"], "'gpu' is not a device"),
         (["--json", "."], "is a folder"),
         (["--markdown", "a-file/table.md"], "a-file is not a folder"),
