@@ -112,6 +112,34 @@ class _PerExpertMatmul(torch.autograd.Function):
         return grad_rows, grad_weight, None
 
 
+def _padded_slots(rows_per_expert: Tensor, n_rows: int) -> tuple[Tensor, int]:
+    """The place of each row in a zero-padded [E, C] batch, flat ([N] int64), and C: the
+    busiest expert's count."""
+    n_experts = rows_per_expert.shape[0]
+    capacity = int(rows_per_expert.max()) if n_rows else 0
+    expert_of_row = torch.repeat_interleave(
+        torch.arange(n_experts, device=rows_per_expert.device), rows_per_expert, output_size=n_rows
+    )  # [N]
+    starts = torch.cumsum(rows_per_expert, 0) - rows_per_expert  # [E]
+    slot_of_row = torch.arange(n_rows, device=rows_per_expert.device) - starts[expert_of_row]
+    return expert_of_row * capacity + slot_of_row, capacity
+
+
+def _padded_feed_forward(
+    rows: Tensor, w_in: Tensor, w_out: Tensor, rows_per_expert: Tensor
+) -> Tensor:
+    """The expert feed-forward as two bmm over one zero-padded [E, C, D] batch: a fixed dozen
+    operations whatever E, for products too small for per-expert GEMMs to pay their call
+    overhead. Padding rows are zero, so they stay zero through the bias-free expert."""
+    n_experts, n_rows = w_in.shape[0], rows.shape[0]
+    flat_slot, capacity = _padded_slots(rows_per_expert, n_rows)
+    padded = rows.new_zeros(n_experts * capacity, rows.shape[1])
+    padded = padded.index_copy(0, flat_slot, rows).view(n_experts, capacity, rows.shape[1])
+    hidden = torch.relu(torch.bmm(padded, w_in))  # [E, C, H]
+    out = torch.bmm(hidden, w_out)  # [E, C, D']
+    return out.reshape(n_experts * capacity, w_out.shape[-1]).index_select(0, flat_slot)
+
+
 def _padded_bmm(rows: Tensor, weight: Tensor, rows_per_expert: Tensor) -> Tensor:
     """Same product as the grouped kernel, for dtypes and devices it does not cover: scatter
     rows into a zero-padded [E, C, D] batch, one bmm, gather back. Loop-free, but it pays for
@@ -136,6 +164,12 @@ def _padded_bmm(rows: Tensor, weight: Tensor, rows_per_expert: Tensor) -> Tensor
 # 1.2 ms against 2.9 ms for E GEMMs, at 40 × 64 × 128 0.44 against 1.64 ms; at 512 × 512 ×
 # 1024 the two are even (279 and 289 ms), so large products keep the GEMMs.
 _BMM_MAX_MACS_PER_EXPERT = 1 << 24
+# Mean multiply-adds of one expert's product (rows × D × H) up to which the CPU's expert
+# feed-forward takes the padded bmm, whose fixed dozen calls then beat 2·E GEMMs and their
+# gradients. Measured on 2 cores, forward + backward, E = 32, counts of uniform routing: at
+# 80 × 64 × 128 (the demo LM) padded 3.2 ms against 5.0 ms per expert; even at 80 × 64 × 256;
+# at 320 × 256 × 512 padded 34 against 28 ms.
+_PADDED_MAX_MACS_PER_EXPERT = 1 << 20
 
 
 def _balanced_bmm(rows: Tensor, weight: Tensor, rows_each: int) -> Tensor:
@@ -249,13 +283,20 @@ def expert_feed_forward(
     experts, App. C.1): rows [N, D] expert-contiguous, w_in [E, D, H], w_out [E, H, D'],
     rows_per_expert [E] int64. Returns [N, D'].
 
-    The CPU takes the fused per-expert function above, except where every expert has the same
-    small number of rows (one bmm per product is faster then); every other case is two
-    grouped_matmul products with the ReLU between them.
+    The CPU takes the fused per-expert function above, except for small products: where every
+    expert has the same small number of rows, one bmm per product on a view; where the mean
+    product is tiny, two bmm over a padded batch (_padded_feed_forward). Every other case is
+    two grouped_matmul products with the ReLU between them.
     """
-    if rows.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
+    cpu = rows.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+    if cpu and w_in.dtype == rows.dtype == w_out.dtype:
         counts = rows_per_expert.tolist()
-        if not _takes_balanced_bmm(counts, w_in) and w_in.dtype == rows.dtype == w_out.dtype:
+        mean_product = rows.shape[0] * w_in.shape[1] * w_in.shape[2] / max(1, len(counts))
+        if _takes_balanced_bmm(counts, w_in):
+            pass  # grouped_matmul's one bmm per product, below
+        elif mean_product <= _PADDED_MAX_MACS_PER_EXPERT:
+            return _padded_feed_forward(rows, w_in, w_out, rows_per_expert)
+        else:
             workspace = Workspace() if workspace is None else workspace
             return _PerExpertFeedForward.apply(rows, w_in, w_out, counts, workspace)
     hidden = torch.relu(grouped_matmul(rows, w_in, rows_per_expert))
@@ -321,9 +362,7 @@ class BatchedExperts(nn.Module):
     def forward(self, rows: Tensor, rows_per_expert: Tensor) -> Tensor:
         """rows: [N, D] expert-contiguous; rows_per_expert: [E] int64. Returns [N, D]."""
         if self.b_in is None:
-            return expert_feed_forward(
-                rows, self.w_in, self.w_out, rows_per_expert, self.workspace
-            )
+            return expert_feed_forward(rows, self.w_in, self.w_out, rows_per_expert, self.workspace)
         hidden = grouped_matmul(rows, self.w_in, rows_per_expert)  # [N, H]
         if self.b_in is not None:
             expert_of_row = torch.repeat_interleave(

@@ -13,6 +13,7 @@ from lstm_moe.moe.experts import (
     _balanced_bmm,
     _GroupedMatmul,
     _padded_bmm,
+    _padded_feed_forward,
     _PerExpertFeedForward,
     _PerExpertMatmul,
     expert_feed_forward,
@@ -114,12 +115,20 @@ def ffn_reference(rows, w_in, w_out, counts):
     return torch.stack(out) if out else rows @ w_in[0] @ w_out[0]  # [0, D], on the graph
 
 
+FEED_FORWARD_PATHS = {
+    "per_expert": lambda r, a, b, c, ws: _PerExpertFeedForward.apply(r, a, b, c, ws),
+    "padded": lambda r, a, b, c, ws: _padded_feed_forward(r, a, b, torch.tensor(c)),
+}
+
+
 @pytest.mark.parametrize("case", list(COUNTS))
+@pytest.mark.parametrize("path", list(FEED_FORWARD_PATHS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_the_fused_cpu_feed_forward_equals_a_loop_over_experts(case, dtype, monkeypatch):
+def test_the_cpu_feed_forward_paths_equal_a_loop_over_experts(case, path, dtype, monkeypatch):
     """The CPU's fused expert (both products and the ReLU per expert, in-place ReLU
-    derivative, reused storage): outputs and all three gradients, twice in a row on the same
-    workspace (the second call runs on the first one's storage)."""
+    derivative, reused storage) and its padded bmm for tiny products: outputs and all three
+    gradients, twice in a row on the same workspace (the second call runs on the first one's
+    storage)."""
     counts = COUNTS[case]
     generator = torch.Generator().manual_seed(len(counts))
     rows = torch.randn(sum(counts), D, dtype=dtype, generator=generator, requires_grad=True)
@@ -133,7 +142,7 @@ def test_the_fused_cpu_feed_forward_equals_a_loop_over_experts(case, dtype, monk
     workspace = Workspace()
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
     for _ in range(2):
-        got = _PerExpertFeedForward.apply(rows, w_in, w_out, counts, workspace)
+        got = FEED_FORWARD_PATHS[path](rows, w_in, w_out, counts, workspace)
         got_grads = torch.autograd.grad(got, params, grad_out)
         torch.testing.assert_close(got, want, **tol)
         for got_grad, want_grad, tensor in zip(got_grads, want_grads, params, strict=True):
@@ -156,13 +165,18 @@ def test_the_fused_cpu_feed_forward_passes_gradcheck():
     )
 
 
-def test_expert_feed_forward_takes_the_fused_path_on_the_cpu_except_for_equal_small_counts():
+def test_expert_feed_forward_takes_the_fused_path_on_the_cpu_except_for_small_products(
+    monkeypatch,
+):
     rows = torch.randn(4, D, requires_grad=True)
     w_in, w_out = torch.randn(2, D, H), torch.randn(2, H, D)
     out = expert_feed_forward(rows, w_in, w_out, torch.tensor([1, 3]))
+    assert type(out.grad_fn).__name__ == "IndexSelectBackward0"  # tiny: the padded bmm
+    monkeypatch.setattr("lstm_moe.moe.experts._PADDED_MAX_MACS_PER_EXPERT", 0)
+    out = expert_feed_forward(rows, w_in, w_out, torch.tensor([1, 3]))
     assert type(out.grad_fn).__name__ == "_PerExpertFeedForwardBackward"
     out = expert_feed_forward(rows, w_in, w_out, torch.tensor([2, 2]))
-    assert type(out.grad_fn).__name__ != "_PerExpertFeedForwardBackward"  # one bmm each
+    assert type(out.grad_fn).__name__ == "ViewBackward0"  # equal counts: one bmm each
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the products run in bf16 instead
         out = expert_feed_forward(rows, w_in, w_out, torch.tensor([1, 3]))
     assert out.dtype == torch.bfloat16

@@ -66,6 +66,15 @@ def slow(layer, x):
     return reference.moe_forward(layer, x)
 
 
+@pytest.fixture(params=["padded", "per_expert"])
+def cpu_expert_path(request, monkeypatch):
+    """Both CPU expert paths: at these sizes the padded bmm is taken unless it is turned off."""
+    if request.param == "per_expert":
+        monkeypatch.setattr("lstm_moe.moe.experts._PADDED_MAX_MACS_PER_EXPERT", 0)
+    return request.param
+
+
+@pytest.mark.usefixtures("cpu_expert_path")
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("capacity_factor", [None, 0.75])
 @pytest.mark.parametrize("training", [True, False])
