@@ -66,7 +66,8 @@ DEFAULT_EXPERTS = (4, 32, 256, 1024)
 class TransformersSwitch(nn.Module):
     """transformers' SwitchTransformersSparseMLP on [1, T, D], float32 router, ReLU experts,
     capacity ceil(1.25·T/E). Its auxiliary losses are computed by the model around it, so the
-    loss here is the output's alone."""
+    loss here is the output's alone. Its router applies the jitter to its input in place, so
+    the input is a fresh copy, as the layer norm in front of it gives in the model."""
 
     def __init__(self, d_model: int, n_experts: int, hidden: int, capacity_factor: float):
         super().__init__()
@@ -86,7 +87,7 @@ class TransformersSwitch(nn.Module):
     def forward(self, x):
         capacity = math.ceil(self.capacity_factor * x.shape[0] / self.n_experts)
         self.mlp.router.expert_capacity = capacity
-        out = self.mlp(x.unsqueeze(0))
+        out = self.mlp(x.unsqueeze(0).clone())
         out = out[0] if isinstance(out, tuple) else out
         return out.squeeze(0), x.new_zeros(())
 

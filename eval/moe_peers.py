@@ -7,8 +7,8 @@ router included, as those projects' users call it, so eval.bench_moe compares wh
       Linear-ReLU-Linear module per expert, index_add of the gated outputs back.
   SwitchLoopMoE  Hugging Face transformers' Switch design: a float32 router, argmax, capacity
       from a cumulative sum over a one-hot [T, E], a loop over the experts that received tokens
-      with boolean indexing, dropped tokens passed through unchanged, the output scaled by the
-      router probability.
+      with boolean indexing, dropped tokens passed through unchanged (transformers 4.x; 5.x gives
+      them zero), the output scaled by the router probability.
   DenseFFN  D -> k·H -> D: the FLOPs k experts of width H spend per token.
 
 These are the best practice of each design (empty experts skipped, no per-row Python work), not
