@@ -163,41 +163,6 @@ def batchwise_routing(x: Tensor, router, training: bool):
     return experts, gates, importance, load, threshold_loss / n_tokens
 
 
-def switch_routing(x: Tensor, router, training: bool):
-    """Switch routing token by token (Fedus et al. 2021, Eq. 1-6; ST-MoE's z-loss): the jitter
-    drawn as the router draws it (one uniform [T, D] draw), p = softmax(x·W_r), the top k with
-    their probabilities (renormalised for k > 1), f_i over all k choices divided by k, P_i the
-    mean probability. Returns (experts, gates, balance loss, z-loss)."""
-    n_tokens, n_experts, k = x.shape[0], router.n_experts, router.k
-    if training and router.jitter_eps > 0:
-        noise = torch.rand(x.shape, dtype=x.dtype)
-        x = x * (1.0 - router.jitter_eps + 2.0 * router.jitter_eps * noise)
-    w = router.w_router.to(x.dtype)
-    experts, gates = [], []
-    routed = [0.0] * n_experts
-    prob_sum = [x.new_zeros(()) for _ in range(n_experts)]
-    z = x.new_zeros(())
-    for t in range(n_tokens):
-        logits = x[t] @ w
-        probs = torch.softmax(logits, -1)
-        order = sorted(range(n_experts), key=lambda i: -float(probs[i].detach()))[:k]
-        chosen = [probs[i] for i in order]
-        if k > 1 and router.renormalize:
-            total = sum(chosen)
-            chosen = [g / total for g in chosen]
-        experts.append(order)
-        gates.append(chosen)
-        for i in order:
-            routed[i] += 1.0
-        for i in range(n_experts):
-            prob_sum[i] = prob_sum[i] + probs[i]
-        z = z + torch.logsumexp(logits, -1) ** 2
-    balance = n_experts * sum(
-        routed[i] / (n_tokens * k) * prob_sum[i] / n_tokens for i in range(n_experts)
-    )
-    return experts, gates, balance, z / n_tokens
-
-
 def expert_forward(experts, e: int, x: Tensor) -> Tensor:
     """Expert e on one token x: [D]."""
     h = x @ experts.w_in[e].to(x.dtype)
@@ -223,8 +188,6 @@ def moe_forward(layer, x: Tensor):
     elif cfg.router == "hierarchical":
         experts, gates, importance, load = hierarchical_routing(x, router, training)
         extra = {}
-    elif cfg.router == "switch":
-        experts, gates, balance, z = switch_routing(x, router, training)
     else:
         experts, gates, importance, load, threshold = batchwise_routing(x, router, training)
         extra = {"threshold": threshold}
@@ -234,21 +197,16 @@ def moe_forward(layer, x: Tensor):
             1, math.ceil(cfg.capacity_factor * x.shape[0] * cfg.experts_per_token / cfg.n_experts)
         )
     taken = [0] * cfg.n_experts
-    # Capacity goes to tokens in batch order, and within a token to its slots in order; for the
-    # Switch router to every token's first choice before any second choice.
-    pairs = [(t, slot) for t in range(x.shape[0]) for slot in range(len(experts[t]))]
-    if cfg.router == "switch":
-        pairs.sort(key=lambda pair: (pair[1], pair[0]))
-    outputs = [x.new_zeros(x.shape[1]) for _ in range(x.shape[0])]
-    for t, slot in pairs:
-        e = experts[t][slot]
-        if capacity is not None and taken[e] >= capacity:
-            continue
-        taken[e] += 1
-        outputs[t] = outputs[t] + gates[t][slot] * expert_forward(layer.experts, e, x[t])
-    if cfg.router == "switch":
-        aux = cfg.w_balance * balance + cfg.w_z * z
-        return torch.stack(outputs), aux, {"balance": balance, "z": z}
+    outputs = []
+    # Capacity goes to tokens in batch order, and within a token to its slots in order.
+    for t in range(x.shape[0]):
+        y = x.new_zeros(x.shape[1])
+        for slot, e in enumerate(experts[t]):
+            if capacity is not None and taken[e] >= capacity:
+                continue
+            taken[e] += 1
+            y = y + gates[t][slot] * expert_forward(layer.experts, e, x[t])
+        outputs.append(y)
     losses = {"importance": cv_squared(importance), "load": cv_squared(load), **extra}
     aux = cfg.w_importance * losses["importance"] + cfg.w_load * losses["load"]
     if "threshold" in extra:
