@@ -145,14 +145,7 @@ def _padded_bmm(rows: Tensor, weight: Tensor, rows_per_expert: Tensor) -> Tensor
     rows into a zero-padded [E, C, D] batch, one bmm, gather back. Loop-free, but it pays for
     padding to the busiest expert."""
     n_experts = weight.shape[0]
-    n_rows = rows.shape[0]
-    capacity = int(rows_per_expert.max()) if n_rows else 0
-    expert_of_row = torch.repeat_interleave(
-        torch.arange(n_experts, device=rows.device), rows_per_expert, output_size=n_rows
-    )  # [N]
-    starts = torch.cumsum(rows_per_expert, 0) - rows_per_expert  # [E]
-    slot_of_row = torch.arange(n_rows, device=rows.device) - starts[expert_of_row]  # [N]
-    flat_slot = expert_of_row * capacity + slot_of_row  # [N]
+    flat_slot, capacity = _padded_slots(rows_per_expert, rows.shape[0])
     padded = rows.new_zeros(n_experts * capacity, rows.shape[1])
     padded = padded.index_copy(0, flat_slot, rows).view(n_experts, capacity, rows.shape[1])
     out = torch.bmm(padded, weight)  # [E, C, H]
