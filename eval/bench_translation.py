@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from eval.beam_search import translate_ids
+from lstm_moe.engine.trainer import adam
 from lstm_moe.fields import apply_overrides
 from lstm_moe.files import write_json_atomic, write_text_atomic
 from lstm_moe.pairs import read_pairs
@@ -65,7 +66,7 @@ def build(preset: str, data: Path, width: int, expert_hidden: int, batch_size: i
 
 def train_round(model, task, first_step: int, steps: int) -> float:
     """Tokens/s of `steps` optimizer steps from first_step."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = adam(list(model.parameters()), lr=1e-3, betas=(0.9, 0.999))
     model.train()
     device = torch.device("cpu")
     targets = 0

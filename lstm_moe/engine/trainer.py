@@ -66,6 +66,13 @@ def autocast_dtype_for(device: torch.device, bf16: bool) -> torch.dtype | None:
     return torch.bfloat16 if bf16 and device.type == "cuda" else None
 
 
+def adam(params: list[Tensor], lr: float, betas: tuple[float, float]) -> torch.optim.Adam:
+    """Adam as every training loop here runs it: the fused kernel (one pass over each tensor
+    instead of about eight; on a 2-core CPU 15 ms against 77 ms per step for 17M parameters,
+    which a MoE model's experts soon reach: Adam updates every expert at every step)."""
+    return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
+
+
 class LogWindow:
     """Sums of one log interval, kept on the device: read (one host sync, one reduction over
     ranks) only when the interval is logged."""
@@ -147,7 +154,7 @@ class Trainer:
             torch.manual_seed(rank_seed(config.seed, self.group.rank))
         self.replicated, self.expert_params = split_parameters(self.model)
         self.expert_names = expert_tensor_names(self.model)
-        self.optimizer = torch.optim.Adam(
+        self.optimizer = adam(
             [p for _, p in parameters_of(self.model)],
             lr=config.lr,
             betas=(config.adam_beta1, config.adam_beta2),
