@@ -135,13 +135,16 @@ def combine_rows(
     over the slots in slot order, so the forward sum is in a fixed order. Dropped and unused
     slots contribute zero. The mix runs in the gates' precision (float32 from every router),
     outside autocast: the gate gradient is the router's only signal from the task loss.
-    On the CPU it runs a block of tokens at a time (no [T, K, D] buffer) with its one large
-    gradient on workspace storage. Returns [T, D].
+    On the CPU, unless [T, K, D] fits one block, it runs a block of tokens at a time (no
+    [T, K, D] buffer) with its one large gradient on workspace storage. Measured forward +
+    backward on 2 cores: T·K·D = 640·4·64, 0.81 ms blockwise against 0.49 ms by slot;
+    1000·4·256, 2.95 against 3.35 ms; 8192·4·512, 48 against 174 ms. Returns [T, D].
     """
     dtype = torch.promote_types(gates.dtype, expert_out.dtype)
     with torch.autocast(device_type=expert_out.device.type, enabled=False):
         expert_out, gates = expert_out.to(dtype), gates.to(dtype)
-        if expert_out.device.type == "cpu":
+        by_slot_elements = plan.n_tokens * plan.slots_per_token * expert_out.shape[-1]
+        if expert_out.device.type == "cpu" and by_slot_elements > _COMBINE_BLOCK_ELEMENTS:
             workspace = Workspace() if workspace is None else workspace
             return _CombineRows.apply(expert_out, gates, plan, workspace)
         return _combine_by_slot(expert_out, gates, plan)
@@ -159,7 +162,8 @@ def _combine_by_slot(expert_out: Tensor, gates: Tensor, plan: DispatchPlan) -> T
     return (by_slot * gates.unsqueeze(-1)).sum(1)  # [T, D]
 
 
-# Elements of one block of gathered rows in _CombineRows (1 MiB in float32: stays in cache).
+# Elements of one block of gathered rows in _CombineRows (1 MiB in float32: stays in cache);
+# a combine that fits in one block takes the by-slot formula instead.
 _COMBINE_BLOCK_ELEMENTS = 1 << 18
 
 

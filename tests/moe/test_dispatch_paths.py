@@ -42,6 +42,7 @@ def _inputs(case, dtype):
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_blockwise_combine_equals_the_by_slot_formula(case, dtype, monkeypatch):
+    """(A combine that fits in one block takes the by-slot formula itself.)"""
     # Blocks of two tokens, so that several blocks run even at these sizes.
     monkeypatch.setattr("lstm_moe.moe.dispatch._COMBINE_BLOCK_ELEMENTS", 10)
     plan, expert_out, gates = _inputs(case, dtype)
@@ -65,8 +66,9 @@ def test_blockwise_combine_passes_gradcheck(monkeypatch):
     )
 
 
-def test_a_dropped_slot_adds_zero_even_next_to_inf():
+def test_a_dropped_slot_adds_zero_even_next_to_inf(monkeypatch):
     """Dropped slots are zeroed, not multiplied by a zero gate: inf · 0 would be NaN."""
+    monkeypatch.setattr("lstm_moe.moe.dispatch._COMBINE_BLOCK_ELEMENTS", 10)
     plan, expert_out, gates = _inputs("capacity drops", torch.float32)
     expert_out = expert_out.detach().clone()
     expert_out[0] = float("inf")  # row 0 belongs to one kept pair only

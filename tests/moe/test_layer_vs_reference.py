@@ -65,11 +65,13 @@ def slow(layer, x):
     return reference.moe_forward(layer, x)
 
 
-@pytest.fixture(params=["padded", "per_expert"])
+@pytest.fixture(params=["small", "large"])
 def cpu_expert_path(request, monkeypatch):
-    """Both CPU expert paths: at these sizes the padded bmm is taken unless it is turned off."""
-    if request.param == "per_expert":
+    """Both sets of CPU paths: at these sizes the padded bmm and the by-slot combine are taken;
+    "large" turns them off, for the per-expert GEMMs and the blockwise combine."""
+    if request.param == "large":
         monkeypatch.setattr("lstm_moe.moe.experts._PADDED_MAX_MACS_PER_EXPERT", 0)
+        monkeypatch.setattr("lstm_moe.moe.dispatch._COMBINE_BLOCK_ELEMENTS", 20)
     return request.param
 
 

@@ -105,8 +105,9 @@ def test_repeated_steps_on_one_workspace_give_a_fresh_layers_results(
 ):
     """Step after step on reused storage (gradients taken over by .grad or accumulated into
     it) gives exactly what a layer with nothing kept gives."""
-    # The per-expert path, which keeps its buffers (at this size the padded bmm would be taken).
+    # The paths that keep buffers (at this size the padded bmm and by-slot combine are taken).
     monkeypatch.setattr("lstm_moe.moe.experts._PADDED_MAX_MACS_PER_EXPERT", 0)
+    monkeypatch.setattr("lstm_moe.moe.dispatch._COMBINE_BLOCK_ELEMENTS", 20)
     torch.manual_seed(0)
     layer = MoELayer(6, 5, 7, k, router, capacity_factor=capacity_factor).eval()
     with torch.no_grad():

@@ -144,10 +144,11 @@ def switch_reference(layer: MoELayer, x: torch.Tensor):
 @pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("capacity_factor", [None, 0.75])
 @pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("expert_path", ["padded", "per_expert"])
-def test_switch_layer_matches_reference(k, capacity_factor, training, expert_path, monkeypatch):
-    if expert_path == "per_expert":  # at this size the CPU takes the padded bmm otherwise
+@pytest.mark.parametrize("cpu_paths", ["small", "large"])
+def test_switch_layer_matches_reference(k, capacity_factor, training, cpu_paths, monkeypatch):
+    if cpu_paths == "large":  # at this size the padded bmm and by-slot combine are taken
         monkeypatch.setattr("lstm_moe.moe.experts._PADDED_MAX_MACS_PER_EXPERT", 0)
+        monkeypatch.setattr("lstm_moe.moe.dispatch._COMBINE_BLOCK_ELEMENTS", 20)
     # A large jitter, so that it changes some routes and a wrong draw would show.
     layer = make_switch_layer(k, capacity_factor, jitter_eps=0.5).train(training)
     x = torch.randn(16, D)
