@@ -135,7 +135,7 @@ def _padded_feed_forward(
     flat_slot, capacity = _padded_slots(rows_per_expert, n_rows)
     padded = rows.new_zeros(n_experts * capacity, rows.shape[1])
     padded = padded.index_copy(0, flat_slot, rows).view(n_experts, capacity, rows.shape[1])
-    hidden = torch.relu(torch.bmm(padded, w_in))  # [E, C, H]
+    hidden = torch.bmm(padded, w_in).relu_()  # [E, C, H]; bmm keeps no output for its backward
     out = torch.bmm(hidden, w_out)  # [E, C, D']
     return out.reshape(n_experts * capacity, w_out.shape[-1]).index_select(0, flat_slot)
 
@@ -292,7 +292,7 @@ def expert_feed_forward(
         else:
             workspace = Workspace() if workspace is None else workspace
             return _PerExpertFeedForward.apply(rows, w_in, w_out, counts, workspace)
-    hidden = torch.relu(grouped_matmul(rows, w_in, rows_per_expert))
+    hidden = grouped_matmul(rows, w_in, rows_per_expert).relu_()  # no product keeps its output
     return grouped_matmul(hidden, w_out, rows_per_expert)
 
 
