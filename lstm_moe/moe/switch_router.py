@@ -16,22 +16,18 @@ Index letters: T tokens, D model width, E experts, K experts per token.
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from .initializers import TRUNCATED_STD, reduced_init_std, truncated_normal_
 from .losses import assignment_counts, importance
 from .parallel import ParallelGroup
 from .routing import Router, Routing, check_top_k, mask_slots
 
 if TYPE_CHECKING:
     pass
-
-# Standard deviation of a unit normal truncated to [-2, 2]:
-# sqrt(1 - 4·φ(2) / (Φ(2) - Φ(-2))), φ and Φ the normal density and CDF.
-TRUNCATED_STD = 0.8796256610342398
 
 
 def load_balancing_loss(routed_fraction: Tensor, router_prob_fraction: Tensor) -> Tensor:
@@ -102,11 +98,10 @@ class SwitchRouter(Router):
         self.d_model, self.n_experts, self.k = d_model, n_experts, k
         self.w_balance, self.w_z, self.jitter_eps = w_balance, w_z, jitter_eps
         self.init_scale, self.renormalize = init_scale, renormalize
-        # A normal cut at ±2σ keeps TRUNCATED_STD·σ of its standard deviation: draw with a
-        # larger σ so that what is left is sqrt(init_scale / D).
-        sigma = math.sqrt(init_scale / d_model) / TRUNCATED_STD
+        # Standard deviation sqrt(init_scale / D) after the truncation at ±2σ (§2.4); the
+        # experts' "trunc_normal" initialisation is the same function.
         self.w_router = nn.Parameter(torch.empty(d_model, n_experts))
-        nn.init.trunc_normal_(self.w_router, std=sigma, a=-2 * sigma, b=2 * sigma)
+        truncated_normal_(self.w_router, reduced_init_std(init_scale, d_model))
 
     options: ClassVar[dict[str, str]] = {
         "w_balance": "w_balance",
