@@ -65,16 +65,6 @@ def slow(layer, x):
     return reference.moe_forward(layer, x)
 
 
-@pytest.fixture(params=["small", "large"])
-def cpu_expert_path(request, monkeypatch):
-    """Both sets of CPU paths: at these sizes the padded bmm and the by-slot combine are taken;
-    "large" turns them off, for the per-expert GEMMs and the blockwise combine."""
-    if request.param == "large":
-        monkeypatch.setattr("lstm_moe.moe.experts._PADDED_MAX_MACS_PER_EXPERT", 0)
-        monkeypatch.setattr("lstm_moe.moe.dispatch._COMBINE_BLOCK_ELEMENTS", 20)
-    return request.param
-
-
 @pytest.mark.usefixtures("cpu_expert_path")
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("capacity_factor", [None, 0.75])
