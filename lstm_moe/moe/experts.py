@@ -1,13 +1,16 @@
 """Experts as batched weights: E feed-forward networks with one ReLU hidden layer (Shazeer et
-al. 2017, App. C.1), computed as grouped matrix products over expert-contiguous rows: on the
-CPU one GEMM per expert on views of the rows (no copies), or one bmm over a view when every
-expert has the same number of rows (the strictly balanced gate of App. F in training); on CUDA
-in bf16 the grouped kernel; elsewhere a padded bmm; all behind grouped_matmul.
+al. 2017, App. C.1) or GEGLU experts (Shazeer 2020), computed as grouped matrix products over
+expert-contiguous rows: on the CPU one GEMM per expert on views of the rows (no copies), or one
+bmm over a view when every expert has the same number of rows (the strictly balanced gate of
+App. F in training); on CUDA in bf16 the grouped kernel; elsewhere a padded bmm; all behind
+grouped_matmul.
 
 On the CPU the bias-free expert (the paper's) runs as one function, expert by expert: both
 products and the ReLU of one expert while its rows are in cache, the ReLU and its derivative in
 place, and every large buffer (hidden rows, outputs, gradients) on storage reused from step to
-step (workspace.py), so that a step page-faults none of it in again.
+step (workspace.py), so that a step page-faults none of it in again. Whatever those fast paths
+cannot do (biases, GEGLU, dropout between the two products) runs as grouped_matmul products with
+the elementwise steps between them.
 
 Index letters: N rows (tokens routed to experts, sorted by expert), E experts, D model width,
 H expert hidden width, C padded rows per expert.
@@ -18,9 +21,15 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .initializers import reduced_init_std, truncated_normal_
 from .workspace import Workspace
+
+# How the experts' weights are drawn (BatchedExperts.reset_parameters) and what they compute.
+EXPERT_INITS = ("uniform", "trunc_normal")
+EXPERT_ACTIVATIONS = ("relu", "geglu")
 
 _GROUPED_MM_DTYPES = {
     # The CUDA kernel is written for bfloat16 (Hopper and newer); other dtypes use bmm below.
@@ -297,20 +306,32 @@ def expert_feed_forward(
 
 
 class BatchedExperts(nn.Module):
-    """E experts `x -> W_out·ReLU(W_in·x + b_in) + b_out`, stored as [E, D, H] and [E, H, D].
+    """E experts, stored as [E, D, H] and [E, H, D]:
+    "relu": `x -> W_out·ReLU(W_in·x + b_in) + b_out` (App. C.1);
+    "geglu": `x -> W_out·(GELU(W_gate·x) ⊙ W_in·x)` (Shazeer 2020, "GLU Variants Improve
+    Transformer", §2, FFN_GEGLU; the T5.1.1 and ST-MoE feed-forward), with a third tensor
+    w_gate [E, D, H] and no biases (the paper's FFN variants have none). GELU is the exact
+    x·Φ(x) the paper defines (Mesh TensorFlow's uses the tanh approximation).
 
     expert_range: [first, last) of the experts this module holds (one rank's shard under
-    expert parallelism), None for all n_experts. Each expert is initialised like an nn.Linear
-    pair (uniform in ±1/√fan_in) from a generator of its own, seeded from one draw of the
-    global random stream plus its global id: a shard holds exactly the values one process
-    draws for those experts (built on the same device type: CPU and CUDA generators differ),
-    the global stream moves on by that one draw at any number of ranks, and no rank ever
-    materialises experts it does not hold.
+    expert parallelism), None for all n_experts. init: "uniform" draws each weight like an
+    nn.Linear (uniform in ±1/√fan_in, biases too); "trunc_normal" is the Switch Transformer's
+    reduced initialisation (§2.4): a normal truncated at two standard deviations with standard
+    deviation sqrt(init_scale / fan_in) after the truncation (init_scale 0.1 where the usual
+    variance scaling has 1.0), biases zero. Either way each expert is drawn from a generator of
+    its own, seeded from one draw of the global random stream plus its global id: a shard holds
+    exactly the values one process draws for those experts (built on the same device type: CPU
+    and CUDA generators differ), the global stream moves on by that one draw at any number of
+    ranks, and no rank ever materialises experts it does not hold.
+
+    dropout: probability of zeroing each hidden activation in training (Switch §2.4, Table 4:
+    "expert dropout", larger than the model's own); 0, or evaluation mode, computes exactly
+    what the experts compute without it.
     """
 
     # Every tensor registered here is [E/W, ...], one block per expert: expert parallelism
-    # shards it instead of replicating it (parallel.expert_tensor_names). A subclass that adds
-    # a tensor (a GLU's gate) gets it sharded, reduced and saved as an expert tensor.
+    # shards it instead of replicating it (parallel.expert_tensor_names). That includes the
+    # GEGLU gate w_gate, and a tensor a subclass adds.
     holds_expert_shard = True
 
     def __init__(
@@ -320,20 +341,39 @@ class BatchedExperts(nn.Module):
         expert_hidden: int,
         bias: bool = True,
         expert_range: tuple[int, int] | None = None,
+        *,
+        init: str = "uniform",
+        init_scale: float = 0.1,
+        dropout: float = 0.0,
+        activation: str = "relu",
     ):
         super().__init__()
         if expert_hidden < 1:
             raise ValueError(f"expert_hidden must be >= 1, got {expert_hidden}")
+        if init not in EXPERT_INITS:
+            raise ValueError(f"init must be one of {EXPERT_INITS}, got {init!r}")
+        if not init_scale > 0:
+            raise ValueError(f"init_scale must be > 0, got {init_scale}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if activation not in EXPERT_ACTIVATIONS:
+            raise ValueError(f"activation must be one of {EXPERT_ACTIVATIONS}, got {activation!r}")
+        if activation == "geglu" and bias:
+            raise ValueError("GEGLU experts have no biases: set bias=False (expert_bias)")
         first, last = (0, n_experts) if expert_range is None else expert_range
         if not 0 <= first < last <= n_experts:
             raise ValueError(f"expert range [{first}, {last}) is not in [0, {n_experts})")
         held = last - first
         self.n_experts, self.first_expert = held, first
         self.d_model, self.expert_hidden = d_model, expert_hidden
+        self.init, self.init_scale = init, init_scale
+        self.dropout, self.activation = dropout, activation
         self.w_in = nn.Parameter(torch.empty(held, d_model, expert_hidden))
         self.w_out = nn.Parameter(torch.empty(held, expert_hidden, d_model))
         self.b_in = nn.Parameter(torch.empty(held, expert_hidden)) if bias else None
         self.b_out = nn.Parameter(torch.empty(held, d_model)) if bias else None
+        geglu = activation == "geglu"
+        self.w_gate = nn.Parameter(torch.empty(held, d_model, expert_hidden)) if geglu else None
         self.workspace = Workspace()  # reused CPU buffers of the forward and backward
         self.reset_parameters()
 
@@ -342,20 +382,45 @@ class BatchedExperts(nn.Module):
         device = self.w_in.device
         if device.type == "meta":  # shapes only (e.g. counting parameters): nothing to draw
             return
-        bound_in, bound_out = 1 / math.sqrt(self.d_model), 1 / math.sqrt(self.expert_hidden)
         base_seed = int(torch.randint(2**62, (1,), device="cpu"))  # the one global draw
         for local in range(self.n_experts):
             generator = torch.Generator(device).manual_seed(base_seed + self.first_expert + local)
-            self.w_in[local].uniform_(-bound_in, bound_in, generator=generator)
-            self.w_out[local].uniform_(-bound_out, bound_out, generator=generator)
-            if self.b_in is not None:
-                self.b_in[local].uniform_(-bound_in, bound_in, generator=generator)
-                self.b_out[local].uniform_(-bound_out, bound_out, generator=generator)
+            # One order of draws per expert: w_in, w_out, the biases, then the gate, so that a
+            # ReLU expert draws what it always drew.
+            if self.init == "uniform":
+                self._draw_uniform(local, generator)
+            else:
+                self._draw_truncated_normal(local, generator)
+
+    def _draw_uniform(self, local: int, generator: torch.Generator) -> None:
+        bound_in, bound_out = 1 / math.sqrt(self.d_model), 1 / math.sqrt(self.expert_hidden)
+        self.w_in[local].uniform_(-bound_in, bound_in, generator=generator)
+        self.w_out[local].uniform_(-bound_out, bound_out, generator=generator)
+        if self.b_in is not None:
+            self.b_in[local].uniform_(-bound_in, bound_in, generator=generator)
+            self.b_out[local].uniform_(-bound_out, bound_out, generator=generator)
+        if self.w_gate is not None:
+            self.w_gate[local].uniform_(-bound_in, bound_in, generator=generator)
+
+    def _draw_truncated_normal(self, local: int, generator: torch.Generator) -> None:
+        # Switch §2.4: std sqrt(s / fan_in), fan_in = D for the products of x, H for W_out.
+        std_in = reduced_init_std(self.init_scale, self.d_model)
+        std_out = reduced_init_std(self.init_scale, self.expert_hidden)
+        truncated_normal_(self.w_in[local], std_in, generator)
+        truncated_normal_(self.w_out[local], std_out, generator)
+        if self.b_in is not None:
+            self.b_in[local].zero_()
+            self.b_out[local].zero_()
+        if self.w_gate is not None:
+            truncated_normal_(self.w_gate[local], std_in, generator)
 
     def forward(self, rows: Tensor, rows_per_expert: Tensor) -> Tensor:
         """rows: [N, D] expert-contiguous; rows_per_expert: [E] int64. Returns [N, D]."""
-        if self.b_in is None:
+        dropout = self.dropout if self.training else 0.0
+        if self.b_in is None and self.activation == "relu" and dropout == 0:
             return expert_feed_forward(rows, self.w_in, self.w_out, rows_per_expert, self.workspace)
+        # The fused paths compute both products in one go: dropout, biases or a gate between
+        # them take grouped products and elementwise steps instead.
         hidden = grouped_matmul(rows, self.w_in, rows_per_expert)  # [N, H]
         if self.b_in is not None:
             expert_of_row = torch.repeat_interleave(
@@ -364,7 +429,13 @@ class BatchedExperts(nn.Module):
                 output_size=rows.shape[0],
             )  # [N]
             hidden = hidden + self.b_in.index_select(0, expert_of_row).to(hidden.dtype)
-        hidden = torch.relu(hidden)
+        if self.w_gate is not None:
+            gate = grouped_matmul(rows, self.w_gate, rows_per_expert)  # [N, H]
+            hidden = F.gelu(gate) * hidden  # GELU(x·W_gate) ⊙ x·W_in (Shazeer 2020, §2)
+        else:
+            hidden = hidden.relu_()  # no product or sum above keeps its output for the backward
+        if dropout:
+            hidden = F.dropout(hidden, dropout, training=True)  # [N, H]
         out = grouped_matmul(hidden, self.w_out, rows_per_expert)  # [N, D]
         if self.b_out is not None:
             out = out + self.b_out.index_select(0, expert_of_row).to(out.dtype)
@@ -373,5 +444,6 @@ class BatchedExperts(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"n_experts={self.n_experts}, d_model={self.d_model}, "
-            f"expert_hidden={self.expert_hidden}, bias={self.b_in is not None}"
+            f"expert_hidden={self.expert_hidden}, bias={self.b_in is not None}, "
+            f"activation={self.activation}, init={self.init}, dropout={self.dropout}"
         )

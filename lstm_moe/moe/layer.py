@@ -6,14 +6,16 @@ K routing slots per token, N rows computed by experts.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import parallel
-from .experts import BatchedExperts
+from .experts import EXPERT_ACTIVATIONS, EXPERT_INITS, BatchedExperts
 from .parallel import ExpertDispatch, ParallelGroup
 from .routers import ROUTERS, build_router
 from .routing import Router, Routing
@@ -51,7 +53,28 @@ class MoEConfig:
     expert_bias: give each expert's two layers a bias. Off by default: App. C.1 describes the
         expert as a ReLU hidden layer and an output layer, and the authors' code has no biases.
         (They also cost a per-row gather and a segment sum in the backward.)
+    expert_init: "uniform", each expert weight drawn like an nn.Linear's (uniform in
+        ±1/sqrt(fan_in)), or "trunc_normal", the Switch Transformer's reduced initialisation
+        (§2.4): a normal truncated at ±2 standard deviations, with standard deviation
+        sqrt(expert_init_scale / fan_in) after the truncation, biases zero.
+    expert_init_scale: the s of "trunc_normal"; Switch uses 0.1 instead of the usual 1.0.
+    expert_dropout: dropout on the experts' hidden activations only, in training (Switch §2.4,
+        Table 4: 0.4 inside the experts beside the model's own 0.1 when fine-tuning); 0 is none.
+    eval_capacity_factor: the capacity factor in evaluation mode, None for capacity_factor's
+        (Switch §2.2 gives the factor of the expert capacity; ST-MoE trains at 1.25 and
+        evaluates at 2.0, dropping fewer tokens when nothing learns from the drops). Needs a
+        capacity_factor: a dropless layer stays dropless.
+    expert_activation: "relu", the 2017 expert (App. C.1), or "geglu":
+        W_out·(GELU(x·W_gate) ⊙ x·W_in) (Shazeer 2020, "GLU Variants Improve Transformer", §2;
+        the T5.1.1 and ST-MoE feed-forward), a third expert tensor w_gate [E, D, H] and a third
+        of the multiply-adds more per expert (expert_ops_per_token). No expert_bias with it.
     """
+
+    # Allowed values of the string fields, by field name (shown by --help).
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "expert_init": EXPERT_INITS,
+        "expert_activation": EXPERT_ACTIVATIONS,
+    }
 
     d_model: int
     n_experts: int
@@ -72,8 +95,14 @@ class MoEConfig:
     switch_init_scale: float = 0.1
     switch_renormalize: bool = True
     expert_bias: bool = False
+    expert_init: str = "uniform"
+    expert_init_scale: float = 0.1
+    expert_dropout: float = 0.0
+    eval_capacity_factor: float | None = None
+    expert_activation: str = "relu"
 
     def __post_init__(self) -> None:
+        self._check_expert_options()
         for name in ("d_model", "n_experts", "expert_hidden"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -118,9 +147,47 @@ class MoEConfig:
                 f"k must be in [1, {self.n_experts}] (the number of experts), got {self.k}"
             )
 
+    def _check_expert_options(self) -> None:
+        if self.expert_init not in EXPERT_INITS:
+            raise ValueError(f"expert_init must be one of {EXPERT_INITS}, got {self.expert_init!r}")
+        if not self.expert_init_scale > 0:
+            raise ValueError(f"expert_init_scale must be > 0, got {self.expert_init_scale}")
+        if not 0 <= self.expert_dropout < 1:
+            raise ValueError(f"expert_dropout must be in [0, 1), got {self.expert_dropout}")
+        if self.eval_capacity_factor is not None:
+            if self.capacity_factor is None:
+                raise ValueError(
+                    "eval_capacity_factor needs a capacity_factor: a dropless layer "
+                    "(capacity_factor=None) has no capacity to change in evaluation"
+                )
+            if not self.eval_capacity_factor > 0:
+                raise ValueError(
+                    f"eval_capacity_factor must be > 0 (or None for capacity_factor's), "
+                    f"got {self.eval_capacity_factor}"
+                )
+        if self.expert_activation not in EXPERT_ACTIVATIONS:
+            raise ValueError(
+                f"expert_activation must be one of {EXPERT_ACTIVATIONS}, "
+                f"got {self.expert_activation!r}"
+            )
+        if self.expert_activation == "geglu" and self.expert_bias:
+            raise ValueError("expert_activation='geglu' takes no expert_bias (GEGLU has none)")
+
     @property
     def experts_per_token(self) -> int:
         return self.k_groups * self.k if self.router == "hierarchical" else self.k
+
+    def capacity_factor_for(self, training: bool) -> float | None:
+        """The capacity factor in training or in evaluation mode (eval_capacity_factor)."""
+        if training or self.eval_capacity_factor is None:
+            return self.capacity_factor
+        return self.eval_capacity_factor
+
+    def expert_ops_per_token(self) -> int:
+        """Multiply-adds one expert spends on one token, its matrices only: D·H for each of
+        W_in and W_out, and D·H more for W_gate of a GEGLU expert."""
+        products = 3 if self.expert_activation == "geglu" else 2
+        return products * self.d_model * self.expert_hidden
 
 
 @dataclass
@@ -212,8 +279,17 @@ class MoELayer(nn.Module):
         first, last = self.group.expert_range(n_experts)
         # This rank's experts only, drawn as one process draws them (BatchedExperts), so that
         # any number of ranks starts from the same model.
+        cfg = self.config
         self.experts = BatchedExperts(
-            n_experts, d_model, expert_hidden, self.config.expert_bias, (first, last)
+            n_experts,
+            d_model,
+            expert_hidden,
+            cfg.expert_bias,
+            (first, last),
+            init=cfg.expert_init,
+            init_scale=cfg.expert_init_scale,
+            dropout=cfg.expert_dropout,
+            activation=cfg.expert_activation,
         )
         self.workspace = Workspace()  # reused CPU buffers of the dispatch (workspace.py)
 
@@ -222,9 +298,9 @@ class MoELayer(nn.Module):
         cls, config: MoEConfig, process_group: dist.ProcessGroup | None = None
     ) -> MoELayer:
         options = {
-            name: getattr(config, name)
-            for name in config.__dataclass_fields__
-            if name not in ("d_model", "n_experts", "expert_hidden", "k", "router")
+            field.name: getattr(config, field.name)
+            for field in dataclasses.fields(config)
+            if field.name not in ("d_model", "n_experts", "expert_hidden", "k", "router")
         }
         return cls(
             config.d_model,
@@ -274,7 +350,8 @@ class MoELayer(nn.Module):
 
         tokens: [T, D]; expert_index (global expert ids), gates: [T, K]; slot_priority: see
         Routing; mask: [T] bool, True for a real token (masked ones are never dispatched), or
-        None. Returns ([T, D], what the dispatch did over the batch of all ranks).
+        None. Returns ([T, D], what the dispatch did over the batch of all ranks). The
+        capacity factor is eval_capacity_factor's in evaluation mode, where one is set.
         """
         return parallel.mix_experts(
             tokens,
@@ -283,7 +360,7 @@ class MoELayer(nn.Module):
             self.experts,
             self.config.n_experts,
             self.group,
-            self.config.capacity_factor,
+            self.config.capacity_factor_for(self.training),
             self.config.experts_per_token,
             slot_priority,
             mask,

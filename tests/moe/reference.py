@@ -164,11 +164,16 @@ def batchwise_routing(x: Tensor, router, training: bool):
 
 
 def expert_forward(experts, e: int, x: Tensor) -> Tensor:
-    """Expert e on one token x: [D]."""
+    """Expert e on one token x: [D]. ReLU(x·W_in + b_in)·W_out + b_out (App. C.1), or for
+    GEGLU experts (GELU(x·W_gate) ⊙ x·W_in)·W_out (Shazeer 2020, §2)."""
     h = x @ experts.w_in[e].to(x.dtype)
     if experts.b_in is not None:
         h = h + experts.b_in[e].to(x.dtype)
-    y = torch.relu(h) @ experts.w_out[e].to(x.dtype)
+    if getattr(experts, "w_gate", None) is not None:
+        gelu = torch.nn.functional.gelu(x @ experts.w_gate[e].to(x.dtype))
+        y = (gelu * h) @ experts.w_out[e].to(x.dtype)
+    else:
+        y = torch.relu(h) @ experts.w_out[e].to(x.dtype)
     if experts.b_out is not None:
         y = y + experts.b_out[e].to(x.dtype)
     return y
