@@ -77,11 +77,12 @@ class MoEBlock(nn.Module):
         return torch.sigmoid(result.output.movedim(-2, 0)), result  # [T, B, D]
 
     def ops_per_timestep(self) -> int:
-        """Multiply-adds per token: the experts each token uses plus the router's gating
-        matrices (its gating_ops_per_token: W_g and W_noise for the 2017 noisy gates, Eq. 3-4,
-        counted like this the totals match Table 7; one matrix for batchwise and switch)."""
+        """Multiply-adds per token: the experts each token uses (expert_ops_per_token: 2·D·H,
+        3·D·H for GEGLU experts) plus the router's gating matrices (its gating_ops_per_token:
+        W_g and W_noise for the 2017 noisy gates, Eq. 3-4, counted like this the totals match
+        Table 7; one matrix for batchwise and switch)."""
         cfg = self.moe.config
-        expert = 2 * cfg.d_model * cfg.expert_hidden
+        expert = cfg.expert_ops_per_token()
         return cfg.experts_per_token * expert + self.moe.router.gating_ops_per_token()
 
 

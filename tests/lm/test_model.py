@@ -173,6 +173,13 @@ def test_moe_ops_count_each_routers_gating_matrices():
         assert block.ops_per_timestep() == k * expert + gates, router
 
 
+def test_moe_ops_count_a_geglu_experts_three_matrices():
+    """GEGLU experts multiply by W_in, W_gate and W_out: 3·D·H per expert a token uses."""
+    block = LanguageModel(small_config(expert_activation="geglu")).blocks[1]
+    assert block.moe.config.expert_ops_per_token() == 3 * 8 * 8
+    assert block.ops_per_timestep() == 2 * 3 * 8 * 8 + 2 * 8 * 4  # k = 2, noisy gate
+
+
 @pytest.mark.parametrize("n_tokens,batch,bptt", [(23, 4, 3), (24, 4, 6), (61, 4, 5), (7, 2, 10)])
 def test_a_window_has_padding_exactly_when_a_lane_of_the_layout_is_padded(n_tokens, batch, bptt):
     ids = np.arange(10, 10 + n_tokens, dtype=np.uint16)
