@@ -26,6 +26,7 @@ from lstm_moe.files import EOS_ID, PATH_ERRORS, read_json, read_split, write_jso
 from lstm_moe.pairs import read_pairs
 from lstm_moe.runtime import resolve_device
 from lstm_moe.tasks import lm, translation
+from lstm_moe.tasks.common import run_architecture
 
 
 def run_task(run: Path) -> str:
@@ -34,6 +35,13 @@ def run_task(run: Path) -> str:
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found: is {run} a training run?")
     return read_json(config_path).get("task", "lm")
+
+
+def _default_bptt(run_config: dict) -> int:
+    """The LSTM's evaluation window (lm.VALID_BPTT), or the Transformer's training window."""
+    if run_architecture(run_config) == "lstm":
+        return lm.VALID_BPTT
+    return run_config["task_config"]["bptt"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--batch_size", type=int, default=16, help="parallel lanes (sentence pairs: 64)"
     )
-    parser.add_argument("--bptt", type=int, default=50, help="time steps per window (LM)")
+    parser.add_argument(
+        "--bptt",
+        type=int,
+        help="time steps per window (LM): 50 for an LSTM, whose state carries from window to "
+        "window; a Transformer's training window (its context) by default",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
@@ -63,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.run, device
             )
             ids = read_split(data_dir, args.split, meta)
-            batches = LaneBatches(ids, args.batch_size, args.bptt, EOS_ID, keep_remainder=True)
+            bptt = args.bptt or _default_bptt(run_config)
+            batches = LaneBatches(ids, args.batch_size, bptt, EOS_ID, keep_remainder=True)
             split_tokens = meta["splits"][args.split]["tokens"]
     except (*PATH_ERRORS, ValueError, KeyError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -6,8 +6,10 @@ the ranks torchrun starts.
     python -m lstm_moe.train --run runs/moe32 --resume [--max_tokens=200000000]
     torchrun --nproc_per_node=4 -m lstm_moe.train -- --data ... --run ... --preset MoE-32
 
-`--task` picks the task: `lm` (the default: the paper's LSTM language model) or
-`translation` (its GNMT-style translation model); a preset of either implies its task.
+`--task` picks the task: `lm` (the default: language modelling) or `translation`; `--arch`
+the model family: `lstm` (the default: the paper's LSTM language model, or its GNMT-style
+translation model) or `transformer` (switch.transformer: decoder-only, or encoder-decoder). A
+preset implies its task and its architecture.
 Every field of the model config, the task's config and the training config can be set with
 `--field=value` (type-checked; `--help` lists them with their types, defaults and allowed
 values). The run folder holds everything needed to resume or evaluate:
@@ -50,15 +52,20 @@ from lstm_moe.fields import (
 from lstm_moe.files import read_json
 from lstm_moe.runtime import resolve_device
 from lstm_moe.tasks import TASKS
+from lstm_moe.tasks.common import architecture_of, run_architecture
 
 DEFAULT_TASK = "lm"
 
 
-def split_by_config(task_cls, overrides: dict[str, str]) -> dict[str, dict[str, str]]:
-    """The overrides for the model, the task and the training config (their field names are
-    disjoint); an unknown name is a ValueError naming the nearest fields."""
+def split_by_config(
+    task_cls, overrides: dict[str, str], model_config_class: type | None = None
+) -> dict[str, dict[str, str]]:
+    """The overrides for the model (of model_config_class, by default the task's default
+    architecture's), the task and the training config (their field names are disjoint); an
+    unknown name is a ValueError naming the nearest fields."""
+    model_config_class = model_config_class or task_cls.model_config_class
     owners = {
-        "model": field_names(task_cls.model_config_class),
+        "model": field_names(model_config_class),
         "task": field_names(task_cls.config_class),
         "train": field_names(TrainConfig),
     }
@@ -106,7 +113,6 @@ def build_trainer(args: argparse.Namespace, overrides: dict[str, str]) -> Traine
             "another --run"
         )
     task_cls = TASKS[args.task or _task_of_preset(args.preset) or DEFAULT_TASK]
-    split = split_by_config(task_cls, overrides)
     if args.data is None:
         raise ValueError("--data DIR (a folder prepared by data_prep) is required")
     presets = task_cls.presets()
@@ -117,7 +123,8 @@ def build_trainer(args: argparse.Namespace, overrides: dict[str, str]) -> Traine
             f"unknown preset {args.preset!r} for --task {task_cls.name}{hint}; choose one of "
             f"{list(presets)}"
         )
-    model_config = presets[args.preset] if args.preset else task_cls.model_config_class()
+    model_config = _initial_model_config(task_cls, args.preset, args.arch)
+    split = split_by_config(task_cls, overrides, type(model_config))
     model_config = apply_overrides(
         model_config, {**task_cls.dataset_overrides(args.data), **split["model"]}
     )
@@ -135,6 +142,21 @@ def build_trainer(args: argparse.Namespace, overrides: dict[str, str]) -> Traine
         args.preset,
         resume=False,
     )
+
+
+def _initial_model_config(task_cls, preset: str | None, arch: str | None):
+    """The preset's model config, or the default config of --arch (of the task's default
+    architecture without it); a preset of another architecture than --arch is refused."""
+    if preset is not None:
+        config = task_cls.presets()[preset]
+        preset_arch = architecture_of(task_cls.architectures, config)
+        if arch is not None and arch != preset_arch:
+            raise ValueError(
+                f"preset {preset!r} is a --arch {preset_arch} model, not --arch {arch}"
+            )
+        return config
+    arch = task_cls.default_arch if arch is None else arch
+    return task_cls.architectures[arch].config_class()
 
 
 def _task_of_preset(preset: str | None) -> str | None:
@@ -163,9 +185,15 @@ def _resume(args: argparse.Namespace, overrides: dict[str, str]) -> Trainer:
             f"{saved.get('preset')!r}, not {args.preset!r}; start a new run for another preset"
         )
     task_cls = TASKS[task_name]
-    split = split_by_config(task_cls, overrides)
+    arch = run_architecture(saved)
+    if args.arch is not None and args.arch != arch:
+        raise ValueError(f"--resume: {run_dir} is a --arch {arch} run, not --arch {args.arch}")
+    if arch not in task_cls.architectures:
+        raise ValueError(f"{config_path}: unknown architecture {arch!r}")
+    model_config_class = task_cls.architectures[arch].config_class
+    split = split_by_config(task_cls, overrides, model_config_class)
     try:
-        model_config = config_from_dict(task_cls.model_config_class, saved["model"])
+        model_config = config_from_dict(model_config_class, saved["model"])
         task_config = config_from_dict(task_cls.config_class, saved["task_config"])
         train_config = config_from_dict(TrainConfig, saved["train"])
         data_dir = args.data or task_cls.data_dir_of(saved)
@@ -223,8 +251,11 @@ def _start(
 def help_epilog() -> str:
     parts = [f"Tasks: {', '.join(TASKS)} (default {DEFAULT_TASK})."]
     for name, task_cls in TASKS.items():
-        parts.append(f"Model fields of --task {name} ({task_cls.model_config_class.__name__}):")
-        parts += describe_fields(task_cls.model_config_class)
+        for arch_name, arch in task_cls.architectures.items():
+            parts.append(
+                f"Model fields of --task {name} --arch {arch_name} ({arch.config_class.__name__}):"
+            )
+            parts += describe_fields(arch.config_class)
         parts.append(f"Task fields of --task {name} ({task_cls.config_class.__name__}):")
         parts += describe_fields(task_cls.config_class, task_cls.resumable_fields)
         parts.append(f"Presets of --task {name}: {', '.join(task_cls.presets())}.")
@@ -251,6 +282,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, help="dataset folder (data_prep output)")
     parser.add_argument("--run", type=Path, required=True, help="run folder, e.g. runs/moe32")
     parser.add_argument("--task", choices=sorted(TASKS), help=f"default {DEFAULT_TASK}")
+    parser.add_argument(
+        "--arch",
+        choices=sorted({arch for cls in TASKS.values() for arch in cls.architectures}),
+        help="the model family: the paper's LSTMs (default) or a Transformer (switch/); a "
+        "preset implies its own",
+    )
     parser.add_argument("--preset", help="a model preset (python -m lstm_moe.presets)")
     parser.add_argument("--resume", action="store_true", help="continue the run's checkpoint")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -5,6 +5,7 @@ model for evaluation."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,6 +16,31 @@ from lstm_moe.fields import config_from_dict
 from lstm_moe.files import read_json
 from lstm_moe.moe import MoEOutput
 from lstm_moe.moe.parallel import ParallelGroup, expert_tensor_names, shard_state_dict
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One model family a task trains: its config dataclass and the model it builds, called
+    as model_class(config, process_group)."""
+
+    config_class: type
+    model_class: Callable[..., nn.Module]
+
+
+def architecture_of(architectures: dict[str, Architecture], model_config) -> str:
+    """The name of the architecture whose config class model_config is."""
+    for name, arch in architectures.items():
+        if type(model_config) is arch.config_class:
+            return name
+    raise ValueError(
+        f"{type(model_config).__name__} is not the config of any architecture of this task "
+        f"({', '.join(f'{n}: {a.config_class.__name__}' for n, a in architectures.items())})"
+    )
+
+
+def run_architecture(run_config: dict) -> str:
+    """The architecture a run folder's config.json names ("lstm" when it predates the field)."""
+    return run_config.get("arch", "lstm")
 
 
 def routing_stats(results: list[MoEOutput]) -> dict[str, Tensor]:
@@ -112,16 +138,15 @@ def load_run_model(
     run_dir: Path,
     device: torch.device,
     task_name: str,
-    config_class: type,
-    model_class: Callable[..., nn.Module],
+    architectures: dict[str, Architecture],
     read_dataset_meta: Callable[[Path], dict],
     group: ParallelGroup | None = None,
 ):
-    """The model of a run folder (config.json + checkpoint.pt) of task `task_name`, its experts
-    reassembled from however many ranks saved them (and, with a group of W ranks, cut to this
-    rank's share), with its dataset's folder and meta.json, after checking that they belong
-    together. Returns (model in eval mode on device, data_dir, meta, run_config, checkpoint
-    step, tokens trained)."""
+    """The model of a run folder (config.json + checkpoint.pt) of task `task_name`, of the
+    architecture its config.json names, its experts reassembled from however many ranks
+    saved them (and, with a group of W ranks, cut to this rank's share), with its dataset's
+    folder and meta.json, after checking that they belong together. Returns (model in eval
+    mode on device, data_dir, meta, run_config, checkpoint step, tokens trained)."""
     run_dir = Path(run_dir)
     config_path = run_dir / "config.json"
     if not config_path.is_file():
@@ -131,14 +156,18 @@ def load_run_model(
         raise ValueError(
             f"{run_dir} is a {run_config.get('task', 'lm')!r} run, not a {task_name!r} one"
         )
-    model_config = config_from_dict(config_class, run_config["model"])
+    arch_name = run_architecture(run_config)
+    if arch_name not in architectures:
+        raise ValueError(f"{config_path}: unknown architecture {arch_name!r}")
+    arch = architectures[arch_name]
+    model_config = config_from_dict(arch.config_class, run_config["model"])
     data_dir = Path(run_config["data"]["path"])
     meta = read_dataset_meta(data_dir)
     group = ParallelGroup() if group is None else group
-    model = model_class(model_config, group.process_group)
+    model = arch.model_class(model_config, group.process_group)
     expert_names = expert_tensor_names(model)
     ckpt = load_run_checkpoint(run_dir, optimizer=False, expert_names=expert_names)
-    if config_from_dict(config_class, ckpt["model_config"]) != model_config:
+    if config_from_dict(arch.config_class, ckpt["model_config"]) != model_config:
         raise ValueError(f"{run_dir}: config.json and checkpoint.pt describe different models")
     if ckpt["task_record"]["data"]["vocab_sha256"] != meta["vocab"]["sha256"]:
         raise ValueError(f"{data_dir}'s vocabulary is not the one {run_dir} was trained with")

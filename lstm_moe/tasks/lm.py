@@ -35,13 +35,17 @@ from lstm_moe.files import EOS_ID, read_meta, read_split
 from lstm_moe.lm import LanguageModel, detach_state
 from lstm_moe.moe.parallel import ParallelGroup
 from lstm_moe.tasks.common import (
+    Architecture,
     RoutingTotals,
+    architecture_of,
     check_same_dataset,
     data_fingerprint,
     load_run_model,
     routing_stats,
     routing_summary,
 )
+from switch.config import TransformerLMConfig
+from switch.transformer import TransformerLM
 
 # Validation reads the valid split in windows of this many steps, over at most this many
 # lanes (fewer when the training batch is smaller).
@@ -74,11 +78,23 @@ class LMTaskConfig:
         return min(self.batch_size, VALID_MAX_LANES)
 
 
+# The models this task trains, by `--arch`: the paper's LSTM model, and the Transformer.
+ARCHITECTURES = {
+    "lstm": Architecture(LMConfig, LanguageModel),
+    "transformer": Architecture(TransformerLMConfig, TransformerLM),
+}
+
+
 class LanguageModelTask:
-    """The LSTM language model of App. C.1 on a prepared dataset folder (data_prep.*)."""
+    """A language model on a prepared dataset folder (data_prep.*): the LSTM model of App.
+    C.1, its state carried from window to window, or a Transformer (switch.transformer),
+    which reads each window from position 0: its window, bptt, is its context, in training
+    and in validation alike."""
 
     name = "lm"
-    model_config_class = LMConfig
+    architectures = ARCHITECTURES
+    default_arch = "lstm"
+    model_config_class = LMConfig  # the default architecture's
     config_class = LMTaskConfig
     resumable_fields = frozenset({"eval_tokens"})
 
@@ -94,6 +110,14 @@ class LanguageModelTask:
         """micro_batches: how many the engine splits each step into (TrainConfig); seed: the
         run's, which keys the sampled softmax's candidates."""
         self.model_config, self.config = model_config, config
+        self.arch = architecture_of(self.architectures, model_config)
+        if getattr(model_config, "positions", None) == "learned" and (
+            config.bptt > model_config.max_positions
+        ):
+            raise ValueError(
+                f"bptt ({config.bptt}) is longer than the learned positions' table "
+                f"(max_positions={model_config.max_positions})"
+            )
         self.seed = seed
         self.group = ParallelGroup() if group is None else group
         self.data_dir = Path(data_dir)
@@ -132,7 +156,7 @@ class LanguageModelTask:
             self.valid_batches = LaneBatches(
                 read_split(self.data_dir, "valid", self.meta),
                 config.valid_lanes,
-                VALID_BPTT,
+                self.valid_bptt,
                 EOS_ID,
                 keep_remainder=True,
                 lanes=self._lanes(config.valid_lanes),
@@ -149,8 +173,16 @@ class LanguageModelTask:
 
     # ------------------------------------------------------------------ the engine's interface
 
+    @property
+    def valid_bptt(self) -> int:
+        """Validation's window: VALID_BPTT steps for the LSTM (its state carries on), the
+        training window for the Transformer (the context it learned)."""
+        return VALID_BPTT if self.arch == "lstm" else self.config.bptt
+
     def build_model(self) -> nn.Module:
-        return LanguageModel(self.model_config, self.group.process_group)
+        return self.architectures[self.arch].model_class(
+            self.model_config, self.group.process_group
+        )
 
     def train_batch(self, step: int, micro: int, micro_batches: int):
         batches = self.train_batches[micro]
@@ -233,6 +265,7 @@ class LanguageModelTask:
 
     def record(self, model: nn.Module) -> dict:
         return {
+            "arch": self.arch,
             "data": data_fingerprint(self.data_dir, self.meta),
             "ops_per_timestep": model.ops_per_timestep(),
             "params_excl_embedding_softmax": model.params_excluding_embedding_softmax(),
@@ -259,10 +292,11 @@ class LanguageModelTask:
     # ------------------------------------------------------------------ the command line
 
     @staticmethod
-    def presets() -> dict[str, LMConfig]:
+    def presets() -> dict:
         from lstm_moe.presets import PRESETS
+        from switch.presets import TRANSFORMER_LM_PRESETS
 
-        return PRESETS
+        return {**PRESETS, **TRANSFORMER_LM_PRESETS}
 
     @staticmethod
     def data_dir_of(record: dict) -> Path:
@@ -338,9 +372,7 @@ def load_trained_model(run_dir: Path, device: torch.device):
     """The model of a language-model run folder, its experts reassembled from however many
     ranks saved them, with its dataset's folder and meta.json, after checking that they belong
     together. Returns (model, data_dir, meta, run_config, checkpoint step, tokens trained)."""
-    return load_run_model(
-        run_dir, device, LanguageModelTask.name, LMConfig, LanguageModel, read_meta
-    )
+    return load_run_model(run_dir, device, LanguageModelTask.name, ARCHITECTURES, read_meta)
 
 
 __all__ = [

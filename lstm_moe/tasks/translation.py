@@ -31,12 +31,16 @@ from lstm_moe.nmt import TranslationModel
 from lstm_moe.pair_batches import PairBatch, PairBatches, collate_pairs, share, sorted_batches
 from lstm_moe.pairs import PairSplit, read_pairs, read_parallel_meta
 from lstm_moe.tasks.common import (
+    Architecture,
     RoutingTotals,
+    architecture_of,
     check_same_dataset,
     data_fingerprint,
     load_run_model,
     routing_stats,
 )
+from switch.config import TransformerNMTConfig
+from switch.transformer import TransformerTranslationModel
 
 __all__ = [
     "TranslationTask",
@@ -62,11 +66,23 @@ class TranslationTaskConfig:
             raise ValueError(f"eval_pairs must be >= 0, got {self.eval_pairs}")
 
 
+# The models this task trains, by `--arch`: the paper's GNMT-style LSTM model, and the
+# encoder-decoder Transformer.
+ARCHITECTURES = {
+    "lstm": Architecture(NMTConfig, TranslationModel),
+    "transformer": Architecture(TransformerNMTConfig, TransformerTranslationModel),
+}
+
+
 class TranslationTask:
-    """The translation model of App. E on a prepared parallel dataset folder."""
+    """A translation model on a prepared parallel dataset folder: the LSTM model of App. E
+    or an encoder-decoder Transformer (switch.transformer), through the same batches, loss
+    and validation."""
 
     name = "translation"
-    model_config_class = NMTConfig
+    architectures = ARCHITECTURES
+    default_arch = "lstm"
+    model_config_class = NMTConfig  # the default architecture's
     config_class = TranslationTaskConfig
     resumable_fields = frozenset({"eval_pairs"})
 
@@ -80,6 +96,7 @@ class TranslationTask:
         seed: int = 1,
     ):
         self.model_config, self.config = model_config, config
+        self.arch = architecture_of(self.architectures, model_config)
         self.group = ParallelGroup() if group is None else group
         self.data_dir = Path(data_dir)
         self.meta = read_parallel_meta(self.data_dir)
@@ -105,7 +122,9 @@ class TranslationTask:
     # ------------------------------------------------------------------ the engine's interface
 
     def build_model(self) -> nn.Module:
-        return TranslationModel(self.model_config, self.group.process_group)
+        return self.architectures[self.arch].model_class(
+            self.model_config, self.group.process_group
+        )
 
     def train_batch(self, step: int, micro: int, micro_batches: int) -> PairBatch:
         part = share(
@@ -156,6 +175,7 @@ class TranslationTask:
 
     def record(self, model: nn.Module) -> dict:
         return {
+            "arch": self.arch,
             "data": {
                 **data_fingerprint(self.data_dir, self.meta),
                 "src_lang": self.meta["src_lang"],
@@ -201,10 +221,11 @@ class TranslationTask:
     # ------------------------------------------------------------------ the command line
 
     @staticmethod
-    def presets() -> dict[str, NMTConfig]:
+    def presets() -> dict:
         from lstm_moe.presets import TRANSLATION_PRESETS
+        from switch.presets import TRANSFORMER_NMT_PRESETS
 
-        return TRANSLATION_PRESETS
+        return {**TRANSLATION_PRESETS, **TRANSFORMER_NMT_PRESETS}
 
     @staticmethod
     def data_dir_of(record: dict) -> Path:
@@ -280,11 +301,5 @@ def load_trained_model(run_dir: Path, device: torch.device, group: ParallelGroup
     meta.json, checked to belong together. Returns (model, data_dir, meta, run_config,
     checkpoint step, tokens trained)."""
     return load_run_model(
-        run_dir,
-        device,
-        TranslationTask.name,
-        NMTConfig,
-        TranslationModel,
-        read_parallel_meta,
-        group,
+        run_dir, device, TranslationTask.name, ARCHITECTURES, read_parallel_meta, group
     )
