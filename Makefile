@@ -66,18 +66,29 @@ demo: $(STAMP)
 	$(PY) -m eval.report $(foreach part,$(DEMO_PARTS),$(DEMO_RUNS_$(part))) --out $(DEMO_DIR) \
 		--title "Generated corpora: dense vs MoE at equal ops/timestep"
 
+# ARCH=lstm (default) trains the paper's LSTM models, ARCH=transformer the Transformers of
+# switch/ (a dense one against Switch-32, top-1 at capacity factor 1.25), on the same data.
+ARCH ?= lstm
 # Language models: 4xLSTM-512 and MoE-32 scaled from width 512 to 64: four 64-cell LSTMs
 # against two LSTMs around 32 experts of hidden width 128 (k = 4), so both spend ~0.13M ops
-# per token (plus the same softmax), trained on the same 2M tokens.
+# per token (plus the same softmax), trained on the same 2M tokens. Transformers: 4 layers of
+# width 64, a 256-wide FFN against 32 experts of width 256 in layers 1 and 3.
 DEMO_TOKENS ?= 2000000
-DEMO_TRAIN = --d_model=64 --lstm_hidden=64 --softmax=full --dropout=0.0 --batch_size=32 \
-	--bptt=20 --lr=0.003 --warmup_steps=100 --max_tokens=$(DEMO_TOKENS) --eval_every=250 \
-	--eval_tokens=20000 --checkpoint_every=500 --log_every=50
+DEMO_COMMON = --softmax=full --dropout=0.0 --batch_size=32 --lr=0.003 --warmup_steps=100 \
+	--max_tokens=$(DEMO_TOKENS) --eval_every=250 --eval_tokens=20000 --checkpoint_every=500 \
+	--log_every=50
+DEMO_TRAIN_lstm = --d_model=64 --lstm_hidden=64 --bptt=20 $(DEMO_COMMON)
+DEMO_TRAIN_transformer = --d_model=64 --n_heads=2 --ffn_hidden=256 --bptt=32 $(DEMO_COMMON)
+DEMO_PRESETS_lstm = 4xLSTM-512 MoE-32
+DEMO_PRESETS_transformer = transformer-dense switch-32
+DEMO_EXPERT_lstm = 128
+DEMO_EXPERT_transformer = 256
 demo-lm: $(STAMP)
 	data=$$($(PY) -m data_prep.synthetic --out data | tail -n 1); \
-	$(TRAIN) --data $$data --run $(DEMO_DIR)/dense --preset 4xLSTM-512 $(DEMO_TRAIN); \
-	$(TRAIN) --data $$data --run $(DEMO_DIR)/moe --preset MoE-32 $(DEMO_TRAIN) \
-		--expert_hidden=128
+	$(TRAIN) --data $$data --run $(DEMO_DIR)/dense --preset $(word 1,$(DEMO_PRESETS_$(ARCH))) \
+		$(DEMO_TRAIN_$(ARCH)); \
+	$(TRAIN) --data $$data --run $(DEMO_DIR)/moe --preset $(word 2,$(DEMO_PRESETS_$(ARCH))) \
+		$(DEMO_TRAIN_$(ARCH)) --expert_hidden=$(DEMO_EXPERT_$(ARCH))
 	$(PY) -m eval.perplexity $(DEMO_DIR)/dense
 	$(PY) -m eval.perplexity $(DEMO_DIR)/moe
 
@@ -86,22 +97,30 @@ demo-lm: $(STAMP)
 # MoE was, against NMT-MoE-32 with 32 experts of width 128 (k = 4, the strictly balanced gate),
 # the same ops per position, trained on the same target tokens, then beam search and BLEU.
 DEMO_NMT_TOKENS ?= 1200000
-DEMO_NMT_TRAIN = --task translation --d_model=64 --lstm_hidden=64 --attention_hidden=64 \
-	--dropout=0.1 --batch_size=64 --lr=0.003 --warmup_steps=100 --max_tokens=$(DEMO_NMT_TOKENS) \
-	--eval_every=250 --eval_pairs=500 --checkpoint_every=500 --log_every=50
+DEMO_NMT_COMMON = --task translation --dropout=0.1 --batch_size=64 --lr=0.003 \
+	--warmup_steps=100 --max_tokens=$(DEMO_NMT_TOKENS) --eval_every=250 --eval_pairs=500 \
+	--checkpoint_every=500 --log_every=50
+DEMO_NMT_TRAIN_lstm = --d_model=64 --lstm_hidden=64 --attention_hidden=64 $(DEMO_NMT_COMMON)
+DEMO_NMT_TRAIN_transformer = --d_model=64 --n_heads=2 $(DEMO_NMT_COMMON)
+DEMO_NMT_DENSE_lstm = --preset NMT-dense --ffn_hidden=512
+DEMO_NMT_DENSE_transformer = --preset NMT-transformer-dense --ffn_hidden=256
+DEMO_NMT_MOE_lstm = --preset NMT-MoE-32 --expert_hidden=128
+DEMO_NMT_MOE_transformer = --preset NMT-switch-32 --ffn_hidden=256 --expert_hidden=256
 demo-translation: $(STAMP)
 	data=$$($(PY) -m data_prep.synthetic_parallel --out data --preset demo | tail -n 1); \
-	$(TRAIN) --data $$data --run $(DEMO_DIR)/nmt-dense --preset NMT-dense $(DEMO_NMT_TRAIN) \
-		--ffn_hidden=512; \
-	$(TRAIN) --data $$data --run $(DEMO_DIR)/nmt-moe --preset NMT-MoE-32 $(DEMO_NMT_TRAIN) \
-		--expert_hidden=128
+	$(TRAIN) --data $$data --run $(DEMO_DIR)/nmt-dense $(DEMO_NMT_DENSE_$(ARCH)) \
+		$(DEMO_NMT_TRAIN_$(ARCH)); \
+	$(TRAIN) --data $$data --run $(DEMO_DIR)/nmt-moe $(DEMO_NMT_MOE_$(ARCH)) \
+		$(DEMO_NMT_TRAIN_$(ARCH))
 	for run in $(DEMO_RUNS_translation); do \
 		$(PY) -m eval.perplexity $$run && $(TRANSLATE) $$run || exit 1; \
 	done
 
 # --- lm1b: prepare (download or LM1B_DIR) -> train PRESET -> test perplexity -----------------
 # A second `make lm1b` with the same PRESET resumes the run where it stopped.
-PRESET ?= MoE-32
+# ARCH=transformer: the Switch-32 Transformer by default (PRESET=transformer-dense, switch-8,
+# moe-top2-32, moe-top4-32: python -m lstm_moe.presets).
+PRESET ?= $(if $(filter transformer,$(ARCH)),switch-32,MoE-32)
 LM1B_DIR ?=
 MAX_TOKENS ?= 100000000
 LM1B_RUN ?= runs/lm1b-$(PRESET)

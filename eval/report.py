@@ -109,12 +109,31 @@ def check_comparable(rows: list[dict]) -> None:
 def _describe_layers(model: dict) -> str:
     if "layers" in model:
         return "-".join(model["layers"])
+    if "n_layers" in model:  # a Transformer LM (switch.config)
+        return _transformer_stack(model["n_layers"], model["moe_layers"])
+    if isinstance(model["encoder_layers"], int):  # an encoder-decoder Transformer
+        encoder = _transformer_stack(model["encoder_layers"], model["encoder_moe_layers"])
+        decoder = _transformer_stack(model["decoder_layers"], model["decoder_moe_layers"])
+        return f"enc {encoder}, dec {decoder}"
     return "enc " + "-".join(model["encoder_layers"]) + ", dec " + "-".join(model["decoder_layers"])
 
 
+def _transformer_stack(n_layers: int, moe_layers: list[int]) -> str:
+    """A Transformer stack as its feed-forward layers: "ffn-moe-ffn-moe"."""
+    return "-".join("moe" if i in moe_layers else "ffn" for i in range(n_layers))
+
+
+def _has_moe(model: dict) -> bool:
+    if "layers" in model:  # the LSTM LM
+        return "moe" in model["layers"]
+    if isinstance(model.get("encoder_layers"), list):  # the LSTM translation model
+        return "moe" in (*model["encoder_layers"], *model["decoder_layers"])
+    keys = ("moe_layers", "encoder_moe_layers", "decoder_moe_layers")  # Transformers
+    return any(model.get(key) for key in keys)
+
+
 def _describe_moe(model: dict) -> str:
-    layers = model.get("layers") or (*model["encoder_layers"], *model["decoder_layers"])
-    if "moe" not in layers:
+    if not _has_moe(model):
         return "-"
     model = model["moe"]  # the MoE layer's config
     text = f"{model['n_experts']} experts × {model['expert_hidden']}, k={model['k']}"

@@ -163,11 +163,38 @@ def translation_preset_table() -> list[dict]:
     ]
 
 
+def transformer_preset_table() -> list[dict]:
+    """The Transformer presets (switch.presets): active ops per token (the experts a token
+    uses and the gating, without the attention's window-length terms) and parameters, at
+    their default 32,000-word vocabulary, on the meta device."""
+    from switch.presets import TRANSFORMER_LM_PRESETS, TRANSFORMER_NMT_PRESETS
+    from switch.transformer import TransformerLM, TransformerTranslationModel
+
+    rows = []
+    for presets, model_class in (
+        (TRANSFORMER_LM_PRESETS, TransformerLM),
+        (TRANSFORMER_NMT_PRESETS, TransformerTranslationModel),
+    ):
+        for name, config in presets.items():
+            with torch.device("meta"):
+                model = model_class(config)
+            ops = model.ops_per_timestep()
+            rows.append(
+                {
+                    "name": name,
+                    "ops_per_timestep": ops if isinstance(ops, int) else ops["total"],
+                    "params_excl_embedding_softmax": model.params_excluding_embedding_softmax(),
+                    "total_params": model.total_params(),
+                }
+            )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m lstm_moe.presets",
         description="Print every preset's ops/timestep and parameter counts: the language "
-        "models of Table 7 and the translation models of §5.3.",
+        "models of Table 7, the translation models of §5.3 and the Transformers (switch/).",
     )
     parser.add_argument("--json", type=Path, help="also write the table here")
     args = parser.parse_args(argv)
@@ -197,9 +224,23 @@ def main(argv: list[str] | None = None) -> int:
             f"{ops['decoder'] / 1e6:>8.2f} {ops['softmax'] / 1e6:>8.2f} "
             f"{row['total_params'] / 1e9:>10.3f}   {paper_text}"
         )
+    transformers = transformer_preset_table()
+    print(
+        f"\n{'transformer (32K vocab)':<24} {'active ops/token (M)':>20} "
+        f"{'params excl. (M)':>16} {'total (M)':>10}"
+    )
+    for row in transformers:
+        print(
+            f"{row['name']:<24} {row['ops_per_timestep'] / 1e6:>20.2f} "
+            f"{row['params_excl_embedding_softmax'] / 1e6:>16.2f} "
+            f"{row['total_params'] / 1e6:>10.1f}"
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(args.json, {"presets": rows, "translation_presets": translation})
+        write_json_atomic(
+            args.json,
+            {"presets": rows, "translation_presets": translation, "transformers": transformers},
+        )
         print(f"wrote {args.json}")
     return 0
 

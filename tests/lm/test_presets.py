@@ -48,3 +48,15 @@ def test_presets_command_writes_json(tmp_path):
         "params_excl_embedding_softmax",
         "total_params",
     }
+
+
+def test_presets_command_lists_the_transformers(tmp_path):
+    from switch.presets import TRANSFORMER_LM_PRESETS, TRANSFORMER_NMT_PRESETS
+
+    path = tmp_path / "presets.json"
+    assert main(["--json", str(path)]) == 0
+    rows = {r["name"]: r for r in json.loads(path.read_text())["transformers"]}
+    assert list(rows) == [*TRANSFORMER_LM_PRESETS, *TRANSFORMER_NMT_PRESETS]
+    # 4 layers of width 256: attention 4·256², a 1024-wide FFN 2·256·1024
+    assert rows["transformer-dense"]["ops_per_timestep"] == 4 * (4 * 256**2 + 2 * 256 * 1024)
+    assert rows["switch-32"]["total_params"] > rows["transformer-dense"]["total_params"]
