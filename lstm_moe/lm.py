@@ -178,12 +178,8 @@ class LanguageModel(nn.Module):
         """Per-token negative log-likelihood [T·B] of targets [T, B] given hidden [T, B, D];
         `sampled` uses the importance-sampled estimate (training only), its candidates drawn
         from `generator` (None: the global stream)."""
-        flat_hidden = hidden.reshape(-1, hidden.shape[-1])  # [T·B, D]
-        flat_targets = targets.reshape(-1)  # [T·B]
         use_sampled = sampled and self.config.softmax == "sampled"
-        if use_sampled:
-            return self.softmax.sampled_nll(flat_hidden, flat_targets, generator)
-        return self.softmax.nll(flat_hidden, flat_targets)
+        return token_nll(self.softmax, hidden, targets, use_sampled, generator)
 
     # ------------------------------------------------------------------ size, as in Table 7
 
@@ -198,6 +194,23 @@ class LanguageModel(nn.Module):
 
     def total_params(self) -> int:
         return trained_params(self)
+
+
+def token_nll(
+    softmax: Softmax,
+    hidden: Tensor,
+    targets: Tensor,
+    sampled: bool,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """A language model's per-token negative log-likelihood [T·B] of targets [T, B] given
+    hidden [T, B, D]: exact, or the sampled softmax's estimate with candidates from
+    `generator`."""
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])  # [T·B, D]
+    flat_targets = targets.reshape(-1)  # [T·B]
+    if sampled:
+        return softmax.sampled_nll(flat_hidden, flat_targets, generator)
+    return softmax.nll(flat_hidden, flat_targets)
 
 
 def trained_params(module: nn.Module) -> int:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lstm_moe.decoding import DecodeStep
-from lstm_moe.lm import LMOutput, trained_params
+from lstm_moe.lm import LMOutput, token_nll, trained_params
 from lstm_moe.moe import MoEConfig, MoELayer, MoEOutput
 from lstm_moe.nmt import NMTOutput
 from lstm_moe.softmax import Softmax
@@ -410,11 +410,8 @@ class TransformerLM(nn.Module):
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """Per-token negative log-likelihood [T·B] (lstm_moe.lm.LanguageModel.nll)."""
-        flat_hidden = hidden.reshape(-1, hidden.shape[-1])  # [T·B, D]
-        flat_targets = targets.reshape(-1)
-        if sampled and self.config.softmax == "sampled":
-            return self.softmax.sampled_nll(flat_hidden, flat_targets, generator)
-        return self.softmax.nll(flat_hidden, flat_targets)
+        use_sampled = sampled and self.config.softmax == "sampled"
+        return token_nll(self.softmax, hidden, targets, use_sampled, generator)
 
     def ops_per_timestep(self) -> int:
         """Multiply-adds per token between the embedding and the softmax: the projections and
