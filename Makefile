@@ -16,7 +16,7 @@ TRAIN = $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone \
 TRANSLATE = $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone \
 	--nproc_per_node=$(NPROC) -m eval.translate --,$(PY) -m eval.translate)
 
-.PHONY: setup test lint format bench bench-parallel bench-translation demo demo-lm demo-translation lm1b wmt14 \
+.PHONY: setup test lint format bench bench-parallel bench-translation bench-transformer demo demo-lm demo-translation lm1b wmt14 \
 	wmt14-data synthetic-parallel-data clean-venv
 
 setup: $(STAMP)
@@ -47,6 +47,11 @@ bench: $(STAMP)
 bench-translation: $(STAMP)
 	$(PY) -m eval.bench_translation --json $(BENCH_OUT)/bench_translation.json \
 		--markdown $(BENCH_OUT)/bench_translation.md
+
+# Transformer LM training tokens/s: Switch-8, Switch-32 and top-2 against the dense preset.
+bench-transformer: $(STAMP)
+	$(PY) -m eval.bench_transformer --json $(BENCH_OUT)/bench_transformer.json \
+		--markdown $(BENCH_OUT)/bench_transformer.md
 
 # Expert parallelism at 1, 2 and 4 gloo ranks (on 2 cores: volume and correctness, not speed).
 bench-parallel: $(STAMP)
