@@ -23,6 +23,28 @@ SOFTMAX_KINDS = ("full", "sampled")
 ATTENTION_KINDS = ("factored", "additive")
 
 
+# What allow_noncausal_routing admits and why it is off (LSTM and Transformer configs alike;
+# shown by --help through each config's HELP).
+NONCAUSAL_ROUTING_HELP = (
+    "admit expert choice in a causal stack; it picks each expert's tokens among the whole "
+    "batch, so a token's experts depend on later tokens: the model learns from the future and "
+    "cannot be decoded one token at a time as it was trained (Zhou et al. 2022, §6)"
+)
+
+
+def check_causal_routing(moe: MoEConfig, causal_stack: str | None, allowed: bool, remedy: str):
+    """Refuses a router that chooses among the whole batch (Router.sees_whole_batch) in a
+    causal stack, named by causal_stack (None: the causal stacks have no MoE layer), unless
+    allowed (the config's allow_noncausal_routing). remedy: what else the user can do."""
+    if causal_stack is None or allowed or not ROUTERS[moe.router].sees_whole_batch:
+        return
+    raise ValueError(
+        f"router {moe.router!r} chooses among the whole batch, so in {causal_stack} a token's "
+        f"experts would depend on later tokens; {remedy}set --allow_noncausal_routing=true to "
+        "train it anyway (see --help)"
+    )
+
+
 def _paper_moe() -> MoEConfig:
     """The paper's LM layer: 32 experts of hidden width 1024, k = 4 (App. C.1)."""
     return MoEConfig(d_model=512, n_experts=32, expert_hidden=1024)
@@ -47,6 +69,7 @@ class LMConfig:
         frequency-ranked vocabulary, Jozefowicz et al. 2016) for training; evaluation always uses
         the exact full softmax.
     n_samples: sampled-softmax candidates per training step.
+    allow_noncausal_routing: NONCAUSAL_ROUTING_HELP (the language model is causal).
     """
 
     # Allowed values of string fields, by field name (shown by --help, checked below).
@@ -55,6 +78,7 @@ class LMConfig:
         "softmax": SOFTMAX_KINDS,
         "router": tuple(ROUTERS),
     }
+    HELP: ClassVar[dict[str, str]] = {"allow_noncausal_routing": NONCAUSAL_ROUTING_HELP}
 
     vocab_size: int = 793_471
     layers: tuple[str, ...] = ("lstm", "moe", "lstm")
@@ -65,6 +89,7 @@ class LMConfig:
     dropout: float = 0.1
     softmax: str = "sampled"
     n_samples: int = 8192
+    allow_noncausal_routing: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "lstm_hidden", "n_samples"):
@@ -80,6 +105,12 @@ class LMConfig:
             raise ValueError(f"softmax must be one of {SOFTMAX_KINDS}, got {self.softmax!r}")
         if self.moe.d_model != self.d_model:  # the layer's width is the model's
             object.__setattr__(self, "moe", dataclasses.replace(self.moe, d_model=self.d_model))
+        check_causal_routing(
+            self.moe,
+            "a causal language model" if "moe" in self.layers else None,
+            self.allow_noncausal_routing,
+            "",
+        )
 
     def moe_config(self) -> MoEConfig:
         return self.moe
@@ -124,6 +155,8 @@ class NMTConfig:
     dropout: DropProb on the output of every embedding, LSTM and MoE layer (0.4, App. E).
     label_smoothing: ε of the training loss (the paper is silent; 0 keeps the training loss a
         log-likelihood, comparable with the reported perplexities). Validation is never smoothed.
+    allow_noncausal_routing: NONCAUSAL_ROUTING_HELP (the decoder is causal; the encoder takes
+        expert choice freely).
     """
 
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
@@ -132,6 +165,7 @@ class NMTConfig:
         "attention": ATTENTION_KINDS,
         "router": tuple(ROUTERS),
     }
+    HELP: ClassVar[dict[str, str]] = {"allow_noncausal_routing": NONCAUSAL_ROUTING_HELP}
 
     vocab_size: int = 32_000
     encoder_layers: tuple[str, ...] = ("lstm", "lstm", "moe", "lstm")
@@ -146,6 +180,7 @@ class NMTConfig:
     input_feeding: bool = True
     dropout: float = 0.4
     label_smoothing: float = 0.0
+    allow_noncausal_routing: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "lstm_hidden", "attention_hidden"):
@@ -180,6 +215,20 @@ class NMTConfig:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.moe.d_model != self.d_model:  # the layer's width is the model's
             object.__setattr__(self, "moe", dataclasses.replace(self.moe, d_model=self.d_model))
+        check_causal_routing(
+            self.moe,
+            "the causal decoder" if "moe" in self.decoder_layers else None,
+            self.allow_noncausal_routing,
+            "use it in the encoder only (decoder_layers without moe) or ",
+        )
 
 
-__all__ = ["ATTENTION_KINDS", "LAYER_KINDS", "SOFTMAX_KINDS", "LMConfig", "NMTConfig"]
+__all__ = [
+    "ATTENTION_KINDS",
+    "LAYER_KINDS",
+    "NONCAUSAL_ROUTING_HELP",
+    "SOFTMAX_KINDS",
+    "LMConfig",
+    "NMTConfig",
+    "check_causal_routing",
+]

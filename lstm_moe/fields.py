@@ -93,10 +93,12 @@ def describe_fields(
     cls, resumable: frozenset[str] = frozenset(), defaults=None, choices: dict | None = None
 ) -> list[str]:
     """One line per field for --help: `--name=TYPE (default VALUE)`, its allowed values (a
-    config class's CHOICES, by field name, its nested configs' included), and whether
-    --resume may change it. defaults: an instance whose values to show."""
+    config class's CHOICES, by field name, its nested configs' included), whether --resume may
+    change it, and the class's HELP text for the field where it has one (a field whose
+    meaning the name cannot carry). defaults: an instance whose values to show."""
     defaults = cls() if defaults is None else defaults
     choices = {**(choices or {}), **getattr(cls, "CHOICES", {})}
+    help_texts = getattr(cls, "HELP", {})
     hints = typing.get_type_hints(cls)
     lines = []
     for f in dataclasses.fields(cls):
@@ -111,6 +113,8 @@ def describe_fields(
             text += f", one of {', '.join(choices[f.name])}"
         if f.name in resumable:
             text += "; --resume may change it"
+        if f.name in help_texts:
+            text += f": {help_texts[f.name]}"
         lines.append(text)
     return lines
 

@@ -80,10 +80,11 @@ class MoEBlock(nn.Module):
         """Multiply-adds per token: the experts each token uses (expert_ops_per_token: 2·D·H,
         3·D·H for GEGLU experts) plus the router's gating matrices (its gating_ops_per_token:
         W_g and W_noise for the 2017 noisy gates, Eq. 3-4, counted like this the totals match
-        Table 7; one matrix for batchwise and switch)."""
+        Table 7; one matrix for batchwise, switch and expert choice). Expert choice computes
+        c experts per token on average (MoEConfig.mean_experts_per_token)."""
         cfg = self.moe.config
         expert = cfg.expert_ops_per_token()
-        return cfg.experts_per_token * expert + self.moe.router.gating_ops_per_token()
+        return round(cfg.mean_experts_per_token * expert) + self.moe.router.gating_ops_per_token()
 
 
 class FFNBlock(nn.Module):

@@ -60,9 +60,11 @@ class Softmax(nn.Module):
         nn.init.normal_(self.weight, std=1 / math.sqrt(d_model))
 
     def logits(self, hidden: Tensor) -> Tensor:
-        """hidden: [N, D] -> [N, V] float32 (under autocast too)."""
+        """hidden: [N, D] -> [N, V] in float32 (under autocast too), or wider for a wider
+        model (float64 ones are compared against references to 1e-10)."""
+        dtype = torch.promote_types(hidden.dtype, torch.float32)
         with torch.autocast(hidden.device.type, enabled=False):
-            return F.linear(hidden.float(), self.weight.float(), self.bias.float())
+            return F.linear(hidden.to(dtype), self.weight.to(dtype), self.bias.to(dtype))
 
     def nll(self, hidden: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
         """Exact negative log-likelihood per row. hidden: [N, D]; targets: [N] -> [N] float32.

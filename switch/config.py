@@ -18,6 +18,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from lstm_moe.config import NONCAUSAL_ROUTING_HELP, check_causal_routing
 from lstm_moe.moe import MoEConfig
 from lstm_moe.moe.routers import ROUTERS
 
@@ -88,10 +89,7 @@ class TransformerLMConfig:
     dropout: on every sublayer's output and on the embeddings (Switch: 0.1).
     attention_dropout: on the attention probabilities.
     softmax, n_samples: as LMConfig: "sampled" for a large vocabulary (training only).
-    allow_noncausal_routing: expert choice (router "expert_choice") picks each expert's tokens
-        among the whole batch, so a token's experts depend on the tokens after it: a causal
-        model trained so learns from the future and cannot be run one token at a time as it
-        was trained (Zhou et al. 2022, §6). Refused unless this is set.
+    allow_noncausal_routing: lstm_moe.config.NONCAUSAL_ROUTING_HELP (the model is causal).
     """
 
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
@@ -100,6 +98,7 @@ class TransformerLMConfig:
         "activation": ACTIVATIONS,
         "router": tuple(ROUTERS),
     }
+    HELP: ClassVar[dict[str, str]] = {"allow_noncausal_routing": NONCAUSAL_ROUTING_HELP}
 
     vocab_size: int = 32_000
     d_model: int = 768
@@ -127,12 +126,12 @@ class TransformerLMConfig:
             raise ValueError(f"softmax must be one of {SOFTMAX_KINDS}, got {self.softmax!r}")
         if self.n_samples < 1:
             raise ValueError(f"n_samples must be >= 1, got {self.n_samples}")
-        if self.moe_layers and _sees_whole_batch(self.moe) and not self.allow_noncausal_routing:
-            raise ValueError(
-                f"router {self.moe.router!r} chooses among the whole batch, so in a causal "
-                "language model a token's experts would depend on later tokens; set "
-                "--allow_noncausal_routing=true to train it anyway (see --help)"
-            )
+        check_causal_routing(
+            self.moe,
+            "a causal language model" if self.moe_layers else None,
+            self.allow_noncausal_routing,
+            "",
+        )
 
 
 @dataclass(frozen=True)
@@ -154,6 +153,7 @@ class TransformerNMTConfig:
         "activation": ACTIVATIONS,
         "router": tuple(ROUTERS),
     }
+    HELP: ClassVar[dict[str, str]] = {"allow_noncausal_routing": NONCAUSAL_ROUTING_HELP}
 
     vocab_size: int = 32_000
     d_model: int = 768
@@ -182,22 +182,12 @@ class TransformerNMTConfig:
         _check_layers("decoder_moe_layers", self.decoder_moe_layers, self.decoder_layers)
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if (
-            self.decoder_moe_layers
-            and _sees_whole_batch(self.moe)
-            and not self.allow_noncausal_routing
-        ):
-            raise ValueError(
-                f"router {self.moe.router!r} chooses among the whole batch, so in the causal "
-                "decoder a token's experts would depend on later tokens; use it in the encoder "
-                "only (--decoder_moe_layers= with no value) or set --allow_noncausal_routing=true"
-            )
-
-
-def _sees_whole_batch(moe: MoEConfig) -> bool:
-    """The router picks tokens per expert over the batch (expert choice), not experts per
-    token, so a token's routing depends on the tokens beside it."""
-    return bool(getattr(ROUTERS[moe.router], "sees_whole_batch", False))
+        check_causal_routing(
+            self.moe,
+            "the causal decoder" if self.decoder_moe_layers else None,
+            self.allow_noncausal_routing,
+            "use it in the encoder only (--decoder_moe_layers= with no value) or ",
+        )
 
 
 __all__ = ["ACTIVATIONS", "POSITION_KINDS", "TransformerLMConfig", "TransformerNMTConfig"]

@@ -253,9 +253,9 @@ class MoEFeedForward(nn.Module):
 
     def ops_per_token(self) -> int:
         """The experts a token uses (Table 7's convention: their multiply-adds) and the
-        router's gating product."""
+        router's gating product (expert choice: c experts per token on average)."""
         config = self.moe.config
-        return config.experts_per_token * config.expert_ops_per_token() + (
+        return round(config.mean_experts_per_token * config.expert_ops_per_token()) + (
             self.moe.router.gating_ops_per_token()
         )
 

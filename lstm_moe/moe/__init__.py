@@ -1,12 +1,21 @@
 """The sparsely-gated Mixture-of-Experts layer (Shazeer et al. 2017).
 
-router (routing.py, hierarchical.py, batchwise.py, switch_router.py; by name through
-routers.ROUTERS) -> dispatcher (dispatch.py) -> batched experts (experts.py), with the experts
-sharded over ranks by parallel.py (one rank is the same code), assembled in layer.py.
+router (routing.py, hierarchical.py, batchwise.py, switch_router.py, expert_choice.py; by name
+through routers.ROUTERS) -> dispatcher (dispatch.py) -> batched experts (experts.py), with the
+experts sharded over ranks by parallel.py (one rank is the same code), assembled in layer.py.
 """
 
 from .batchwise import BatchwiseRouter
-from .dispatch import DispatchPlan, combine_rows, expert_capacity, gather_rows, plan_dispatch
+from .dispatch import (
+    DispatchPlan,
+    ExpertChoice,
+    combine_rows,
+    expert_capacity,
+    gather_rows,
+    plan_choice,
+    plan_dispatch,
+)
+from .expert_choice import ExpertChoiceRouter
 from .experts import BatchedExperts, grouped_matmul
 from .hierarchical import HierarchicalRouter
 from .layer import MoEConfig, MoELayer, MoEOutput, MoEStats
@@ -28,6 +37,8 @@ __all__ = [
     "BatchedExperts",
     "BatchwiseRouter",
     "DispatchPlan",
+    "ExpertChoice",
+    "ExpertChoiceRouter",
     "ExpertDispatch",
     "HierarchicalRouter",
     "MoEConfig",
@@ -49,6 +60,7 @@ __all__ = [
     "grouped_matmul",
     "load_balancing_loss",
     "noisy_top_k_gating",
+    "plan_choice",
     "plan_dispatch",
     "prob_in_top_k",
     "shard_state_dict",

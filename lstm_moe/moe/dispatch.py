@@ -3,6 +3,13 @@ and does not know what the experts compute; every router uses it.
 
 Index letters: T tokens, K routing slots per token, P = T·K (token, slot) pairs,
 N pairs kept (after capacity), E experts, D model width.
+
+Routers hand their choice over in one of two layouts. Token-major: every token fills K slots
+([T, K] expert ids and gates), which plan_dispatch sorts by expert and cuts to the capacity.
+Expert-major (ExpertChoice): the kept (token, expert) pairs themselves, already grouped by
+expert, for routers where an expert picks its tokens (expert choice), so that a token may take
+zero or many experts without padding every token to the busiest one's count; plan_choice
+turns it into the same DispatchPlan, and everything after the plan is shared.
 """
 
 from __future__ import annotations
@@ -26,6 +33,9 @@ class DispatchPlan:
     token_index: [N] int64, the token of each kept pair.
     rows_per_expert: [E] int64, rows each expert computes (after capacity).
     routed_per_expert: [E] int64, pairs routed to each expert (before capacity).
+    gates_by_row: the plan of an ExpertChoice: the gates combine_rows takes are [N], one per
+        row in plan order, pair_index is arange(N) and slots_per_token is 0 (there is no
+        [T, K] layout).
     """
 
     pair_index: Tensor
@@ -34,6 +44,7 @@ class DispatchPlan:
     routed_per_expert: Tensor
     n_tokens: int
     slots_per_token: int
+    gates_by_row: bool = False
 
     @property
     def n_dropped(self) -> Tensor:
@@ -47,6 +58,43 @@ def expert_capacity(n_tokens: int, k: int, n_experts: int, capacity_factor: floa
             f"capacity_factor must be > 0 (or None for dropless), got {capacity_factor}"
         )
     return max(1, math.ceil(capacity_factor * n_tokens * k / n_experts))
+
+
+@dataclass
+class ExpertChoice:
+    """The expert-major layout of a routing: every kept (token, expert) pair, grouped by expert.
+
+    token_index: [N] int64, this rank's token of each pair, sorted by expert and, within an
+        expert, ascending (the batch order, so that the rows of all ranks, concatenated by
+        rank, are in the order one process gives them).
+    gates: [N] float, each pair's gate (differentiable).
+    rows_per_expert: [E] int64, pairs of each expert (summing to N).
+    No capacity is applied to it: the router that built it has already chosen how many tokens
+    each expert takes.
+    """
+
+    token_index: Tensor
+    gates: Tensor
+    rows_per_expert: Tensor
+
+    def expert_index(self) -> Tensor:
+        """[N] int64, the expert of each pair."""
+        experts = torch.arange(self.rows_per_expert.numel(), device=self.token_index.device)
+        return torch.repeat_interleave(experts, self.rows_per_expert)
+
+
+def plan_choice(choice: ExpertChoice, n_tokens: int) -> DispatchPlan:
+    """The DispatchPlan of an expert-major choice: its pairs, in its order, all kept."""
+    rows = choice.rows_per_expert
+    return DispatchPlan(
+        pair_index=torch.arange(choice.token_index.numel(), device=choice.token_index.device),
+        token_index=choice.token_index,
+        rows_per_expert=rows,
+        routed_per_expert=rows,
+        n_tokens=n_tokens,
+        slots_per_token=0,
+        gates_by_row=True,
+    )
 
 
 def plan_dispatch(
@@ -131,10 +179,12 @@ def combine_rows(
 ) -> Tensor:
     """y_t = Σ_slot gate[t, slot] · expert_out[pair(t, slot)] (Eq. 1).
 
-    expert_out: [N, D]; gates: [T, K]. Each token's rows are mixed by its gates and summed in a
-    fixed order (slot order by slot, expert order on the CPU's blockwise path). Dropped and unused
-    slots contribute zero. The mix runs in the gates' precision (float32 from every router),
-    outside autocast: the gate gradient is the router's only signal from the task loss.
+    expert_out: [N, D]; gates: [T, K], or [N] in plan order for the plan of an ExpertChoice
+    (plan.gates_by_row), which always takes the row-by-row formula. Each token's rows are
+    mixed by its gates and summed in a fixed order (slot order by slot, expert order on the
+    CPU's blockwise path). Dropped and unused slots contribute zero. The mix runs in the gates'
+    precision (float32 from every router), outside autocast: the gate gradient is the router's
+    only signal from the task loss.
     On the CPU, unless [T, K, D] fits one block, it runs a block of rows at a time (no
     [T, K, D] buffer) with its one large gradient on workspace storage. Measured forward +
     backward on 2 cores: T·K·D = 640·4·64, 0.81 ms blockwise against 0.49 ms by slot;
@@ -144,10 +194,21 @@ def combine_rows(
     with torch.autocast(device_type=expert_out.device.type, enabled=False):
         expert_out, gates = expert_out.to(dtype), gates.to(dtype)
         by_slot_elements = plan.n_tokens * plan.slots_per_token * expert_out.shape[-1]
-        if expert_out.device.type == "cpu" and by_slot_elements > _COMBINE_BLOCK_ELEMENTS:
+        on_cpu = expert_out.device.type == "cpu"
+        if on_cpu and (plan.gates_by_row or by_slot_elements > _COMBINE_BLOCK_ELEMENTS):
             workspace = Workspace() if workspace is None else workspace
             return _CombineRows.apply(expert_out, gates, plan, workspace)
+        if plan.gates_by_row:
+            return _combine_by_row(expert_out, gates, plan)
         return _combine_by_slot(expert_out, gates, plan)
+
+
+def _combine_by_row(expert_out: Tensor, row_gates: Tensor, plan: DispatchPlan) -> Tensor:
+    """combine_rows for gates given by row ([N]), by autograd: every row weighted by its gate
+    and added into its token (the formula _CombineRows computes blockwise on the CPU)."""
+    weighted = expert_out * row_gates.unsqueeze(-1)  # [N, D]
+    out = expert_out.new_zeros(plan.n_tokens, expert_out.shape[-1])
+    return out.index_add(0, plan.token_index, weighted)  # [T, D]
 
 
 def _combine_by_slot(expert_out: Tensor, gates: Tensor, plan: DispatchPlan) -> Tensor:

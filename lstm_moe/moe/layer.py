@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import parallel
+from .expert_choice import DEFAULT_CAPACITY_FACTOR as EXPERT_CHOICE_FACTOR
 from .experts import EXPERT_ACTIVATIONS, EXPERT_INITS, BatchedExperts
 from .parallel import ExpertDispatch, ParallelGroup
 from .routers import ROUTERS, build_router
@@ -28,14 +29,16 @@ class MoEConfig:
     each router's options default to that router's own defaults.
 
     router: a name in routers.ROUTERS: "noisy_topk" (§2.1), "hierarchical" (App. B),
-        "batchwise" (App. F) or "switch" (Fedus et al. 2021).
+        "batchwise" (App. F), "switch" (Fedus et al. 2021) or "expert_choice" (Zhou et al.
+        2022: every expert takes its top c·T/E tokens; no auxiliary loss).
     k: experts per token; for "hierarchical", experts per token *within each chosen group*
         (the paper uses k_groups = 2 and k = 2, so 4 experts per token).
     n_groups: hierarchical only, the primary branching factor a; n_experts = a·b.
     k_groups: hierarchical only, groups per token.
     capacity_factor: None for dropless, else each expert takes at most
         ceil(capacity_factor · T · experts_per_token / E) tokens, T the real (unmasked) tokens
-        of the batch of all ranks.
+        of the batch of all ranks. For "expert_choice" it is the c of its choice: each expert
+        takes exactly ceil(c · T / E) tokens (at most T); None gives c = 2, and k is unused.
     w_importance, w_load: weights of CV²(Importance) and CV²(Load) (App. A): 0.1 for language
         modelling, 0.01 for translation (the 2017 routers).
     w_threshold: batchwise only, weight of the threshold loss of App. F, Eq. 20.
@@ -155,7 +158,7 @@ class MoEConfig:
         if not 0 <= self.expert_dropout < 1:
             raise ValueError(f"expert_dropout must be in [0, 1), got {self.expert_dropout}")
         if self.eval_capacity_factor is not None:
-            if self.capacity_factor is None:
+            if self.capacity_factor is None and self.router != "expert_choice":
                 raise ValueError(
                     "eval_capacity_factor needs a capacity_factor: a dropless layer "
                     "(capacity_factor=None) has no capacity to change in evaluation"
@@ -175,7 +178,17 @@ class MoEConfig:
 
     @property
     def experts_per_token(self) -> int:
+        """Routing slots a token fills (what sizes the capacity of token-choice routers)."""
         return self.k_groups * self.k if self.router == "hierarchical" else self.k
+
+    @property
+    def mean_experts_per_token(self) -> float:
+        """Experts a token is computed by on average in training, what its active FLOPs are
+        counted by: experts_per_token, or for expert choice its capacity factor c (each
+        expert takes c·T/E of the T tokens)."""
+        if self.router == "expert_choice":
+            return EXPERT_CHOICE_FACTOR if self.capacity_factor is None else self.capacity_factor
+        return self.experts_per_token
 
     def capacity_factor_for(self, training: bool) -> float | None:
         """The capacity factor in training or in evaluation mode (eval_capacity_factor)."""
@@ -331,9 +344,22 @@ class MoELayer(nn.Module):
                 )
             token_mask = mask.reshape(-1)  # [T]
         routing = self.router(tokens, group=self.group, mask=token_mask)
-        output, dispatch = self.mix_experts(
-            tokens, routing.expert_index, routing.gates, routing.slot_priority, token_mask
-        )
+        if routing.choice is not None:
+            output, dispatch = parallel.mix_experts(
+                tokens,
+                None,
+                None,
+                self.experts,
+                self.config.n_experts,
+                self.group,
+                mask=token_mask,
+                workspace=self.workspace,
+                choice=routing.choice,
+            )
+        else:
+            output, dispatch = self.mix_experts(
+                tokens, routing.expert_index, routing.gates, routing.slot_priority, token_mask
+            )
         stats = _routing_stats(routing, dispatch.rows_per_expert, dispatch.routed_per_expert)
         output = output.view(*x.shape[:-1], d_model)
         return MoEOutput(output, routing.aux_loss, routing.losses, stats)

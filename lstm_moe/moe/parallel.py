@@ -42,7 +42,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .dispatch import DispatchPlan, combine_rows, expert_capacity, gather_rows, plan_dispatch
+from .dispatch import (
+    DispatchPlan,
+    ExpertChoice,
+    combine_rows,
+    expert_capacity,
+    gather_rows,
+    plan_choice,
+    plan_dispatch,
+)
 from .workspace import Workspace
 
 
@@ -301,8 +309,8 @@ def _routed_counts(expert_index: Tensor, n_experts: int, per_slot: bool) -> Tens
 
 def mix_experts(
     tokens: Tensor,
-    expert_index: Tensor,
-    gates: Tensor,
+    expert_index: Tensor | None,
+    gates: Tensor | None,
     experts: nn.Module,
     n_experts: int,
     group: ParallelGroup,
@@ -311,6 +319,7 @@ def mix_experts(
     slot_priority: bool = False,
     mask: Tensor | None = None,
     workspace: Workspace | None = None,
+    choice: ExpertChoice | None = None,
 ) -> tuple[Tensor, ExpertDispatch]:
     """Σ_slot gates · expert(token) (Eq. 1) for this rank's tokens, the experts spread over the
     ranks of `group` (see the module docstring for the steps).
@@ -324,10 +333,17 @@ def mix_experts(
     token, or None (all real): masked tokens are never dispatched, whatever expert_index says,
     get output 0, and are not counted in the global token count that sizes the capacity.
     workspace: reused CPU buffers for the dispatch's rows and gradients (workspace.py).
+    choice: the routing in the expert-major layout instead (expert_index and gates None): its
+    pairs are dispatched as they are, with no capacity (the router has applied its own), and
+    must leave masked tokens out.
     Returns ([T, D], ExpertDispatch). Every rank of the group must call it together.
     """
+    if choice is not None:
+        if expert_index is not None or gates is not None:
+            raise ValueError("give either expert_index and gates or an ExpertChoice, not both")
+        return _mix_choice(tokens, choice, experts, n_experts, group, mask, workspace)
     world, rank = group.world_size, group.rank
-    first, last = group.expert_range(n_experts)
+    group.expert_range(n_experts)  # refuses experts that do not split evenly over the ranks
     if mask is None:
         n_tokens = tokens.shape[0]
     else:
@@ -350,7 +366,46 @@ def mix_experts(
         expert_index, n_experts, None if capacity is None else kept_all[rank], slot_priority
     )
 
-    blocks = kept_all.view(world, world, last - first)  # [source, destination, local expert]
+    output = _run_plan(tokens, gates, plan, kept_all, experts, group, workspace)
+    return output, ExpertDispatch(plan, kept_all.sum(0), routed_all.sum((0, 1)), total_tokens)
+
+
+def _mix_choice(
+    tokens: Tensor,
+    choice: ExpertChoice,
+    experts: nn.Module,
+    n_experts: int,
+    group: ParallelGroup,
+    mask: Tensor | None,
+    workspace: Workspace | None,
+) -> tuple[Tensor, ExpertDispatch]:
+    """mix_experts of an expert-major choice: its pairs, all kept, through the same steps."""
+    group.expert_range(n_experts)  # refuses experts that do not split evenly over the ranks
+    n_tokens = tokens.shape[0] if mask is None else int(mask.sum())
+    rows = choice.rows_per_expert
+    counts = group.gather(torch.cat([rows, rows.new_tensor([n_tokens])]))  # [W, E + 1]
+    kept_all = counts[:, :-1]  # [W, E]
+    total_tokens = int(counts[:, -1].sum())
+    plan = plan_choice(choice, tokens.shape[0])
+    output = _run_plan(tokens, choice.gates, plan, kept_all, experts, group, workspace)
+    per_expert = kept_all.sum(0)
+    return output, ExpertDispatch(plan, per_expert, per_expert, total_tokens)
+
+
+def _run_plan(
+    tokens: Tensor,
+    gates: Tensor,
+    plan: DispatchPlan,
+    kept_all: Tensor,
+    experts: nn.Module,
+    group: ParallelGroup,
+    workspace: Workspace | None,
+) -> Tensor:
+    """Steps 3-4 of the module docstring: this rank's planned rows to their experts' ranks, the
+    experts, the rows back, and the mix with the gates. kept_all: [W, E] rows every rank sends
+    to every expert. Returns [T, D]."""
+    world, rank = group.world_size, group.rank
+    blocks = kept_all.view(world, world, -1)  # [source, destination, local expert]
     send_counts = blocks[rank].sum(-1)  # [W]
     from_each = blocks[:, rank]  # [W, L]
     recv_counts = from_each.sum(-1)  # [W]
@@ -363,8 +418,7 @@ def mix_experts(
     if order is not None:
         expert_out = expert_out.new_zeros(expert_out.shape).index_copy(0, order, expert_out)
     returned = group.all_to_all(expert_out, recv_counts, send_counts)  # [N, D], plan order
-    output = combine_rows(returned, gates, plan, workspace)  # [T, D]
-    return output, ExpertDispatch(plan, kept_all.sum(0), routed_all.sum((0, 1)), total_tokens)
+    return combine_rows(returned, gates, plan, workspace)  # [T, D]
 
 
 def expert_tensor_names(module: nn.Module) -> set[str]:

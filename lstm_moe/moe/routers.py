@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .batchwise import BatchwiseRouter
+from .expert_choice import ExpertChoiceRouter
 from .hierarchical import HierarchicalRouter
 from .routing import NoisyTopKRouter, Router
 from .switch_router import SwitchRouter
@@ -22,6 +23,7 @@ ROUTERS: dict[str, type[Router]] = {
     "hierarchical": HierarchicalRouter,  # 2017, App. B
     "batchwise": BatchwiseRouter,  # 2017, App. F
     "switch": SwitchRouter,  # Fedus et al. 2021, top-1 (or top-k) of a softmax
+    "expert_choice": ExpertChoiceRouter,  # Zhou et al. 2022, each expert picks its tokens
 }
 
 

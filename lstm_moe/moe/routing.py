@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .dispatch import ExpertChoice
 from .losses import assignment_counts, cv_squared, importance, prob_in_top_k
 from .parallel import ParallelGroup
 
@@ -37,16 +38,30 @@ class Routing:
     aux_loss: their weighted sum, the term added to the training objective.
     slot_priority: under a capacity, every token's first choice claims its expert before any
         second choice (GShard's top-2 policy); False keeps pairs in token order (plan_dispatch).
+    choice: the expert-major layout (dispatch.ExpertChoice), from routers where each expert
+        picks its tokens (expert choice); expert_index and gates are then None. Its pairs are
+        dispatched as they are: the layer applies no capacity to them.
     """
 
-    expert_index: Tensor
-    gates: Tensor
+    expert_index: Tensor | None
+    gates: Tensor | None
     importance: Tensor
     load: Tensor
     losses: dict[str, Tensor]
     aux_loss: Tensor
     extra_stats: dict[str, Tensor] = field(default_factory=dict)
     slot_priority: bool = False
+    choice: ExpertChoice | None = None
+
+    def pairs(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Every routed (token, expert) pair in either layout: token [P], expert [P], gate [P]
+        (before any capacity; unused slots left out), for analyses that read the routing."""
+        if self.choice is not None:
+            return self.choice.token_index, self.choice.expert_index(), self.choice.gates
+        n_tokens, slots = self.expert_index.shape
+        token = torch.arange(n_tokens, device=self.expert_index.device).repeat_interleave(slots)
+        used = self.expert_index.reshape(-1) >= 0  # [T*K]
+        return token[used], self.expert_index.reshape(-1)[used], self.gates.reshape(-1)[used]
 
 
 @dataclass
@@ -161,6 +176,10 @@ class Router(nn.Module):
     """
 
     name: ClassVar[str]
+    # True for a router whose choice for one token depends on the other tokens of the batch
+    # by design (expert choice ranks the whole batch's tokens for each expert): a causal
+    # model would see future tokens through it (Zhou et al. 2022, §6).
+    sees_whole_batch: ClassVar[bool] = False
     d_model: int
     n_experts: int
     k: int

@@ -3,7 +3,8 @@
 Over 2 and 4 gloo processes on CPU: outputs, the auxiliary loss, each loss, the routing
 statistics and the gradients (of the input, of the router, and each rank's shard of the
 expert gradients) match a single-process MoELayer run on [rank 0's tokens; rank 1's; ...]
-with the same weights, for every router, dropless and with capacity, in training and
+with the same weights, for every router (expert choice choosing over the global batch),
+dropless and with capacity, in training and
 evaluation mode, with uneven batches per rank. The same holds when every rank pads its tokens
 (padded rows among them, masked out): the real tokens get the unpadded one-process results,
 and the padded rows output 0 and get no gradient. A hand-set routing sends no token to one
@@ -64,6 +65,8 @@ CASES = {
     # switch/'s router: top-1 (token order) and top-2 (capacity to first choices first).
     "switch_top1": dict(n_experts=8, k=1, router="switch"),
     "switch_top2": dict(n_experts=8, k=2, router="switch"),
+    # Each expert chooses over the global batch (c = 2 when capacity_factor is None).
+    "expert_choice": dict(n_experts=8, k=1, router="expert_choice"),
 }
 CAPACITY_FACTORS = (None, 0.5)
 
@@ -200,7 +203,8 @@ def check_layer_case(checks, case, capacity_factor, training, world, rank):
     want, want_x_grad = run_layer(single, x, projection, world, noise, 0)
     got, got_x_grad = run_layer(sharded, x[rows], projection[rows], 1.0, noise, first_row)
     compare(checks, name, got, got_x_grad, want, want_x_grad[rows], sharded, single, rows, group)
-    if capacity_factor is not None and rank == 0 and not want.stats.fraction_dropped > 0:
+    drops = case != "expert_choice"  # its capacity leaves tokens unchosen, drops none
+    if capacity_factor is not None and drops and rank == 0 and not want.stats.fraction_dropped > 0:
         checks.failures.append(f"{name}: the capacity dropped nothing, the case is too easy")
 
     # Each rank's tokens padded: the real ones get the unpadded one-process results.

@@ -12,6 +12,7 @@ import torch
 from lstm_moe.moe import (
     ROUTERS,
     BatchwiseRouter,
+    ExpertChoiceRouter,
     HierarchicalRouter,
     MoEConfig,
     MoELayer,
@@ -46,11 +47,17 @@ MODULES = {
         ),
         2,
     ),
+    "expert_choice": (
+        lambda: ExpertChoiceRouter(
+            D, E, 1, capacity_factor=0.75, eval_capacity_factor=1.5, init_scale=0.5
+        ),
+        1,
+    ),
 }
 
 
 def test_one_mapping_names_every_router():
-    assert list(ROUTERS) == ["noisy_topk", "hierarchical", "batchwise", "switch"]
+    assert list(ROUTERS) == ["noisy_topk", "hierarchical", "batchwise", "switch", "expert_choice"]
     for name, cls in ROUTERS.items():
         assert cls.name == name
 
@@ -67,6 +74,7 @@ def test_the_config_defaults_are_each_routers_own(name):
         "hierarchical": lambda: HierarchicalRouter(D, 4, 2, k=2),
         "batchwise": lambda: BatchwiseRouter(D, E, 2),
         "switch": lambda: SwitchRouter(D, E, 2),
+        "expert_choice": lambda: ExpertChoiceRouter(D, E, 2),
     }[name]()
     assert router.config_fields() == plain.config_fields()
 

@@ -15,7 +15,7 @@ from lstm_moe.moe import MoELayer
         ((8, 4, 0, 1), {}, r"expert_hidden must be >= 1"),
         ((8, 4, 16, 2), {"capacity_factor": 0.0}, r"capacity_factor must be > 0"),
         ((8, 4, 16, 2), {"capacity_factor": -1.0}, r"capacity_factor must be > 0"),
-        ((8, 4, 16, 2), {"router": "expert_choice"}, r"router must be one of"),
+        ((8, 4, 16, 2), {"router": "token_choice"}, r"router must be one of"),
         ((8, 10, 16, 2), {"router": "hierarchical", "n_groups": 3}, r"multiple of n_groups"),
         ((8, 12, 16, 2), {"router": "hierarchical"}, r"n_groups must be an integer >= 1"),
         (

@@ -24,6 +24,8 @@ ROUTER_OPTIONS = {
     "hierarchical": ["--n_groups=2", "--k_groups=2", "--k=1"],
     "batchwise": ["--k=2"],
     "switch": ["--k=1", "--capacity_factor=1.25", "--eval_capacity_factor=2"],
+    # Every family has a causal stack with an MoE layer, so the flag is needed everywhere.
+    "expert_choice": ["--k=1", "--capacity_factor=1.5", "--allow_noncausal_routing=true"],
 }
 COMMON = ["--n_experts=4", "--expert_hidden=16", "--dropout=0.0", "--lr=0.01",
           "--warmup_steps=2", "--log_every=1", "--eval_every=2", "--checkpoint_every=2",

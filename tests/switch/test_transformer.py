@@ -23,11 +23,13 @@ ROUTERS = {
     "batchwise": dict(k=2),
     "switch": dict(k=1),
 }
+# Expert choice ranks the whole batch, so it is not causal (tested apart, below).
+OPTIONS = {**ROUTERS, "expert_choice": dict(k=1, capacity_factor=1.5)}
 
 
 def moe(router: str = "switch", **options) -> MoEConfig:
     return MoEConfig(
-        d_model=D, n_experts=4, expert_hidden=32, router=router, **{**ROUTERS[router], **options}
+        d_model=D, n_experts=4, expert_hidden=32, router=router, **{**OPTIONS[router], **options}
     )
 
 
@@ -87,6 +89,42 @@ def test_incremental_decoding_equals_full_recomputation(router, variant):
             assert step.attention.shape == (3, 9)
             torch.testing.assert_close(step.attention.sum(-1), torch.ones(3))
             assert (step.attention[1, 6:] == 0).all()  # never on padding
+            state = step.state
+
+
+def test_expert_choice_in_a_causal_lm_needs_its_flag_because_it_sees_later_tokens():
+    with pytest.raises(ValueError, match="allow_noncausal_routing"):
+        lm("expert_choice")
+    torch.manual_seed(0)
+    model = lm("expert_choice", allow_noncausal_routing=True).eval()
+    ids = torch.randint(VOCAB, (12, 3))  # [T, B]
+    changed = ids.clone()
+    changed[7:] = (changed[7:] + 1 + torch.randint(VOCAB - 1, changed[7:].shape)) % VOCAB
+    with torch.no_grad():
+        before, after = model(ids).hidden, model(changed).hidden
+    # The earlier positions' experts were chosen against the later tokens too.
+    assert (after[:7] - before[:7]).abs().amax() > 1e-4
+
+
+def test_expert_choice_in_the_encoder_decodes_as_it_recomputes():
+    torch.manual_seed(1)
+    config = TransformerNMTConfig(
+        vocab_size=VOCAB, d_model=D, encoder_layers=2, decoder_layers=2, n_heads=2,
+        ffn_hidden=32, moe=moe("expert_choice"), encoder_moe_layers=(0, 1),
+        decoder_moe_layers=(), dropout=0.0,
+    )  # fmt: skip
+    model = TransformerTranslationModel(config).eval()
+    src = torch.randint(3, VOCAB, (9, 3))  # [S, B]
+    src_mask = torch.ones(9, 3, dtype=torch.bool)
+    src_mask[5:, 2] = False
+    tgt = torch.randint(3, VOCAB, (6, 3))  # [T, B]
+    with torch.no_grad():
+        out = model(src, src_mask, tgt, torch.ones(6, 3, dtype=torch.bool))
+        full = torch.log_softmax(model.softmax.logits(out.hidden.reshape(-1, D)), -1)
+        state = model.start_decoding(src.t(), src_mask.t())
+        for t, want in enumerate(full.view(6, 3, VOCAB)):
+            step = model.decode_step(tgt[t], state)
+            torch.testing.assert_close(step.log_probs, want, rtol=1e-5, atol=1e-5)
             state = step.state
 
 
