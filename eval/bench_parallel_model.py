@@ -300,7 +300,10 @@ def ratios(rows: list[dict]) -> list[dict]:
     for one in (row for row in measured if row["k"] == 1):
         for many in measured:
             same = ("ranks", "d_model", "moe_layers")
-            if many["k"] == 1 or any(one[key] != many[key] for key in same):
+            # A model that sent nothing (routing all on its own rank) has no ratio.
+            if many["k"] == 1 or not many["bytes_per_token"] or not one["off_rank_share"]:
+                continue
+            if any(one[key] != many[key] for key in same):
                 continue
             found.append(
                 {
