@@ -53,10 +53,13 @@ bench-transformer: $(STAMP)
 	$(PY) -m eval.bench_transformer --json $(BENCH_OUT)/bench_transformer.json \
 		--markdown $(BENCH_OUT)/bench_transformer.md
 
-# Expert parallelism at 1, 2 and 4 gloo ranks (on 2 cores: volume and correctness, not speed).
+# Expert parallelism at 1, 2 and 4 gloo ranks (on 2 cores: volume and correctness, not speed),
+# then whole language models at 1 and 2 ranks: all-to-all bytes per token, top-1 against top-4.
 bench-parallel: $(STAMP)
 	$(PY) -m eval.bench_parallel --json $(BENCH_OUT)/bench_parallel.json \
 		--markdown $(BENCH_OUT)/bench_parallel.md
+	$(PY) -m eval.bench_parallel_model --json $(BENCH_OUT)/bench_parallel_model.json \
+		--markdown $(BENCH_OUT)/bench_parallel_model.md
 
 # --- the demo: generated corpora -> dense and MoE models at equal ops/timestep -> one report ---
 # TASK=lm or TASK=translation runs one part; both by default.

@@ -50,6 +50,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -210,13 +211,26 @@ def _worker_command(args: argparse.Namespace, rank: int, world: int, port: int) 
     return command
 
 
-def _launch(args: argparse.Namespace, world: int) -> tuple[list[dict] | None, str]:
-    """Start `world` ranks and wait for all of them; if one fails or the time limit passes,
-    stop the others. Returns (each rank's figures, "") or (None, why)."""
+def launch_ranks(
+    command_of_rank: Callable[[int, int], list[str]], world: int, timeout: float
+) -> tuple[list[dict] | None, str]:
+    """Start `world` ranks, rank r as command_of_rank(r, port), and wait for all of them; if one
+    fails or `timeout` (plus a minute of start-up) passes, stop the others. Each rank prints
+    its figures as one JSON line last. Returns (each rank's figures, "") or (None, why). A
+    port taken between choosing it and binding it is retried once on another."""
+    ranks, why = _launch_once(command_of_rank, world, timeout)
+    if ranks is None and "Address already in use" in why:
+        ranks, why = _launch_once(command_of_rank, world, timeout)
+    return ranks, why
+
+
+def _launch_once(
+    command_of_rank: Callable[[int, int], list[str]], world: int, timeout: float
+) -> tuple[list[dict] | None, str]:
     port = free_port()
     procs = [
         subprocess.Popen(
-            _worker_command(args, rank, world, port),
+            command_of_rank(rank, port),
             cwd=REPO_ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -225,12 +239,12 @@ def _launch(args: argparse.Namespace, world: int) -> tuple[list[dict] | None, st
         for rank in range(world)
     ]
     # Start-up (imports, rendezvous) comes on top of the collectives' own timeout.
-    deadline = time.monotonic() + args.timeout + 60
+    deadline = time.monotonic() + timeout + 60
     why = ""
     while any(p.poll() is None for p in procs):
         failed = [p for p in procs if p.returncode not in (None, 0)]
         if failed or time.monotonic() > deadline:
-            why = "a rank failed" if failed else f"timed out after {args.timeout + 60} s"
+            why = "a rank failed" if failed else f"timed out after {timeout + 60} s"
             break
         time.sleep(0.1)
     for p in procs:
@@ -326,9 +340,11 @@ def run_driver(args: argparse.Namespace) -> dict:
     print(NOTE, flush=True)
     rows = []
     for world in args.ranks:
-        ranks, why = _launch(args, world)
-        if ranks is None and "Address already in use" in why:  # the free port was taken
-            ranks, why = _launch(args, world)
+        ranks, why = launch_ranks(
+            lambda rank, port, world=world: _worker_command(args, rank, world, port),
+            world,
+            args.timeout,
+        )
         if ranks is None:
             print(f"ranks={world}: failed: {why}", file=sys.stderr, flush=True)
             rows.append({"ranks": world, "failed": why})
