@@ -272,47 +272,55 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _measure_size(args, k: int, n_experts: int, contenders: list[str], dense: dict) -> dict:
+    """One row of the k table: every contender at E = n_experts. dense holds the dense FFN's
+    measurement per k once taken (the same D -> k·H -> D at every E)."""
+    ms, peak_mb, router_ms = {}, {}, None
+    for contender in contenders:
+        if contender == "dense" and k in dense:
+            measured = dense[k]
+        else:
+            measured = _run_in_subprocess(args, contender, k, n_experts, args.hidden)
+            if contender == "dense":
+                dense[k] = measured
+        ms[contender] = measured["ms"] if measured else None
+        peak_mb[contender] = measured["peak_mb"] if measured else None
+        if measured and contender == "moe":
+            router_ms = measured["router_ms"]
+        shown = "failed" if ms[contender] is None else f"{ms[contender]:9.1f} ms"
+        print(f"k={k} E={n_experts:5d} H={args.hidden:5d} {contender:18s} {shown}", flush=True)
+    return {
+        "n_experts": n_experts, "expert_hidden": args.hidden, "ms": ms, "peak_mb": peak_mb,
+        "router_ms": router_ms,
+        "ratios": {f"{c}_over_moe": _ratio(ms.get(c), ms.get("moe"))
+                   for c in contenders if c != "moe"},
+    }  # fmt: skip
+
+
 def run_driver(args: argparse.Namespace) -> dict:
     have_transformers = transformers_available()
-    start = time.perf_counter()
     tables = []
     for k in args.k:
         contenders = [c for c in CONTENDERS[k] if c in args.contenders]
         unavailable = [c for c in contenders if c == "transformers" and not have_transformers]
-        contenders = [c for c in contenders if c not in unavailable]
-        rows, skipped, dense = [], [], None
-        for n_experts in args.experts:
-            if args.max_seconds is not None and time.perf_counter() - start > args.max_seconds:
-                skipped.append(n_experts)
-                continue
-            ms, peak_mb, router_ms = {}, {}, None
-            for contender in contenders:
-                if contender == "dense" and dense is not None:
-                    measured = dense  # the same D -> k·H -> D at every E
-                else:
-                    measured = _run_in_subprocess(args, contender, k, n_experts, args.hidden)
-                    if contender == "dense":
-                        dense = measured
-                ms[contender] = measured["ms"] if measured else None
-                peak_mb[contender] = measured["peak_mb"] if measured else None
-                if measured and contender == "moe":
-                    router_ms = measured["router_ms"]
-                shown = "failed" if ms[contender] is None else f"{ms[contender]:9.1f} ms"
-                print(
-                    f"k={k} E={n_experts:5d} H={args.hidden:5d} {contender:18s} {shown}", flush=True
-                )
-            rows.append({
-                "n_experts": n_experts, "expert_hidden": args.hidden, "ms": ms,
-                "peak_mb": peak_mb, "router_ms": router_ms,
-                "ratios": {f"{c}_over_moe": _ratio(ms.get(c), ms.get("moe"))
-                           for c in contenders if c != "moe"},
-            })  # fmt: skip
-        table = {"k": k, "contenders": contenders, "rows": rows}
+        table = {"k": k, "contenders": [c for c in contenders if c not in unavailable]}
+        table["rows"] = []
         if unavailable:
             table["unavailable"] = unavailable
+        tables.append(table)
+    # Sizes outside, tables inside: a time limit then cuts the largest sizes of both tables,
+    # not the whole of the last one.
+    start, dense, skipped = time.perf_counter(), {}, []
+    for n_experts in args.experts:
+        if args.max_seconds is not None and time.perf_counter() - start > args.max_seconds:
+            skipped.append(n_experts)
+            continue
+        for table in tables:
+            row = _measure_size(args, table["k"], n_experts, table["contenders"], dense)
+            table["rows"].append(row)
+    for table in tables:
         if skipped:
             table["skipped_experts"] = skipped
-        tables.append(table)
     return {
         "device": _device_name(args.device),
         "dtype": args.dtype,

@@ -141,12 +141,27 @@ def test_cli_writes_both_tables_as_json_and_markdown(tmp_path):
     assert f"wrote {json_path}" in done.stdout
 
 
+def test_past_max_seconds_no_new_size_starts_and_the_sizes_left_out_are_listed(tmp_path):
+    """The first size starts at once; by the time it is done the limit has passed."""
+    json_path, md_path = tmp_path / "b.json", tmp_path / "b.md"
+    argv = ["--tokens", "32", "--d-model", "16", "--hidden", "16", "--experts", "4", "8",
+            "--k", "1", "--contenders", "moe", "dense", "--repeats", "1", "--warmup", "0",
+            "--max-seconds", "0.001", "--json", str(json_path),
+            "--markdown", str(md_path)]  # fmt: skip
+    assert main(argv) == 0
+    (table,) = json.loads(json_path.read_text())["tables"]
+    assert [row["n_experts"] for row in table["rows"]] == [4]
+    assert table["skipped_experts"] == [8]
+    assert "Not run: E = 8 (past --max-seconds)." in md_path.read_text()
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["--tokens", "0"], "must be >= 1"),
         (["--hidden", "0"], "must be >= 1"),
         (["--warmup", "-1"], "--warmup must be >= 0"),
+        (["--max-seconds", "0"], "--max-seconds must be > 0"),
         (["--experts", "2", "--k", "4"], "must be >= --k"),
         (["--contenders", "dense"], "must include moe"),
         (["--device", "gpu"], "'gpu' is not a device"),
