@@ -17,7 +17,7 @@ TRANSLATE = $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone \
 	--nproc_per_node=$(NPROC) -m eval.translate --,$(PY) -m eval.translate)
 
 .PHONY: setup test lint format bench bench-parallel bench-translation bench-transformer demo demo-lm demo-translation lm1b wmt14 \
-	wmt14-data synthetic-parallel-data clean-venv
+	wmt14-data synthetic-parallel-data gpu-check clean-venv
 
 setup: $(STAMP)
 
@@ -60,6 +60,17 @@ bench-parallel: $(STAMP)
 		--markdown $(BENCH_OUT)/bench_parallel.md
 	$(PY) -m eval.bench_parallel_model --json $(BENCH_OUT)/bench_parallel_model.json \
 		--markdown $(BENCH_OUT)/bench_parallel_model.md
+
+# --- gpu-check: on one CUDA GPU, in under 8 minutes: the CUDA tests (tests/cuda), a short bf16
+# training of each backbone through lstm_moe.train, eval.bench_moe against the dense, loop and
+# one-hot contenders at E = 8 ... 1024 and the grouped product against a dense GEMM, gathered in
+# $(GPU_CHECK_OUT)/summary.md (eval/gpu_check.py). Without CUDA it stops at once with an error.
+# On a machine whose own python3 has torch and no network for the venv: make gpu-check
+# PY=python3 (any PY but the venv's skips building it; PYTHONPATH=. finds the packages), or
+# directly: PYTHONPATH=. python3 -m eval.gpu_check
+GPU_CHECK_OUT ?= runs/gpu-check
+gpu-check: $(if $(filter $(VENV)/bin/python,$(PY)),$(STAMP))
+	PYTHONPATH=. $(PY) -m eval.gpu_check --out $(GPU_CHECK_OUT)
 
 # --- the demo: generated corpora -> dense and MoE models at equal ops/timestep -> one report ---
 # TASK=lm or TASK=translation runs one part; both by default.

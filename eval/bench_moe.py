@@ -10,9 +10,12 @@ Two tables, one per routing:
   k = 1, Switch: top-1, capacity factor 1.25 (router "switch").
       moe                this project's MoELayer.
       switch_loop        Hugging Face's Switch design (eval/moe_peers.py).
+      one_hot            Mesh TensorFlow's and GShard's one-hot dispatch, every step an einsum
+                         (eval/moe_peers.py); it needs a capacity: k = 1 only.
       transformers       transformers' own SwitchTransformersSparseMLP, where the package is
                          importable (a side environment; never a dependency of this project).
       dense              D -> H -> D.
+The dense FFN does not depend on E: it is measured once per table and shown on every row.
 Every layer is bias-free (App. C.1) and starts from its own initialisation (the 2017 gates at
 zero: routing uniform at random; Switch routers at their reduced initialisation). The loss is
 a fixed random projection of the output plus the layer's auxiliary loss. For moe the router's
@@ -20,9 +23,12 @@ own forward + backward is timed as well (router ms, part of moe ms).
 
 Each contender runs in its own process, so that its peak memory (max RSS above the process's
 baseline, parameters included, or CUDA max_memory_allocated) is its own and no contender runs
-on memory another one left behind. Time is the median of --repeats steps after --warmup steps;
-gradients are reset to None before each step, as optimizer.zero_grad() does. Transparent huge
-pages stay as the system sets them unless --hugepages is given.
+on memory another one left behind. It builds its layer on the device it runs on, so that
+E = 1024 experts are drawn there instead of on the CPU and copied. Time is the median of
+--repeats steps after --warmup steps; gradients are reset to None before each step, as
+optimizer.zero_grad() does. Transparent huge pages stay as the system sets them unless
+--hugepages is given. --max-seconds stops starting new sizes once that much time has passed
+(the sizes left out are listed).
 
     python -m eval.bench_moe --json bench/bench_moe.json --markdown bench/bench_moe.md
 
@@ -46,17 +52,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from eval.moe_peers import DenseFFN, SparseDispatcherMoE, SwitchLoopMoE
+from eval.moe_peers import DenseFFN, OneHotSwitchMoE, SparseDispatcherMoE, SwitchLoopMoE
 from lstm_moe.moe import MoELayer
 from lstm_moe.runtime import enable_cpu_hugepages
 
 SWITCH_CAPACITY_FACTOR = 1.25
 CONTENDERS = {
     4: ("moe", "sparse_dispatcher", "dense"),
-    1: ("moe", "switch_loop", "transformers", "dense"),
+    1: ("moe", "switch_loop", "one_hot", "transformers", "dense"),
 }
-PEERS = {4: ("sparse_dispatcher",), 1: ("switch_loop", "transformers")}
-ALL_CONTENDERS = ("moe", "sparse_dispatcher", "switch_loop", "transformers", "dense")
+ALL_CONTENDERS = ("moe", "sparse_dispatcher", "switch_loop", "one_hot", "transformers", "dense")
 DEFAULT_EXPERTS = (4, 32, 256, 1024)
 
 
@@ -113,6 +118,8 @@ def build_contender(name: str, k: int, n_experts: int, d_model: int, hidden: int
         return SparseDispatcherMoE(d_model, n_experts, hidden, k)
     if name == "switch_loop":
         return SwitchLoopMoE(d_model, n_experts, hidden, SWITCH_CAPACITY_FACTOR)
+    if name == "one_hot":
+        return OneHotSwitchMoE(d_model, n_experts, hidden, SWITCH_CAPACITY_FACTOR)
     if name == "transformers":
         return TransformersSwitch(d_model, n_experts, hidden, SWITCH_CAPACITY_FACTOR)
     raise ValueError(f"unknown contender {name!r}")
@@ -157,7 +164,10 @@ def run_worker(args: argparse.Namespace) -> dict:
     torch.set_grad_enabled(True)
     baseline_mb = _max_rss_mb()
     torch.manual_seed(0)
-    model = build_contender(args.worker, args.k, args.n_experts, args.d_model, args.expert_hidden)
+    with device:  # parameters drawn where they live (GBs of experts at E = 1024)
+        model = build_contender(
+            args.worker, args.k, args.n_experts, args.d_model, args.expert_hidden
+        )
     model = model.to(device=device, dtype=dtype).train()
     x = torch.randn(args.tokens, args.d_model, device=device, dtype=dtype, requires_grad=True)
     projection = torch.randn_like(x)
@@ -255,7 +265,36 @@ def markdown_table(report: dict) -> str:
         missing = table.get("unavailable")
         if missing:
             lines += ["", f"Not run: {', '.join(missing)} (not importable here)."]
+        skipped = table.get("skipped_experts")
+        if skipped:
+            shown = ", ".join(map(str, skipped))
+            lines += ["", f"Not run: E = {shown} (past --max-seconds)."]
     return "\n".join(lines) + "\n"
+
+
+def _measure_size(args, k: int, n_experts: int, contenders: list[str], dense: dict) -> dict:
+    """One row of the k table: every contender at E = n_experts. dense holds the dense FFN's
+    measurement per k once taken (the same D -> k·H -> D at every E)."""
+    ms, peak_mb, router_ms = {}, {}, None
+    for contender in contenders:
+        if contender == "dense" and k in dense:
+            measured = dense[k]
+        else:
+            measured = _run_in_subprocess(args, contender, k, n_experts, args.hidden)
+            if contender == "dense":
+                dense[k] = measured
+        ms[contender] = measured["ms"] if measured else None
+        peak_mb[contender] = measured["peak_mb"] if measured else None
+        if measured and contender == "moe":
+            router_ms = measured["router_ms"]
+        shown = "failed" if ms[contender] is None else f"{ms[contender]:9.1f} ms"
+        print(f"k={k} E={n_experts:5d} H={args.hidden:5d} {contender:18s} {shown}", flush=True)
+    return {
+        "n_experts": n_experts, "expert_hidden": args.hidden, "ms": ms, "peak_mb": peak_mb,
+        "router_ms": router_ms,
+        "ratios": {f"{c}_over_moe": _ratio(ms.get(c), ms.get("moe"))
+                   for c in contenders if c != "moe"},
+    }  # fmt: skip
 
 
 def run_driver(args: argparse.Namespace) -> dict:
@@ -264,30 +303,24 @@ def run_driver(args: argparse.Namespace) -> dict:
     for k in args.k:
         contenders = [c for c in CONTENDERS[k] if c in args.contenders]
         unavailable = [c for c in contenders if c == "transformers" and not have_transformers]
-        contenders = [c for c in contenders if c not in unavailable]
-        rows = []
-        for n_experts in args.experts:
-            ms, peak_mb, router_ms = {}, {}, None
-            for contender in contenders:
-                measured = _run_in_subprocess(args, contender, k, n_experts, args.hidden)
-                ms[contender] = measured["ms"] if measured else None
-                peak_mb[contender] = measured["peak_mb"] if measured else None
-                if measured and contender == "moe":
-                    router_ms = measured["router_ms"]
-                shown = "failed" if ms[contender] is None else f"{ms[contender]:9.1f} ms"
-                print(
-                    f"k={k} E={n_experts:5d} H={args.hidden:5d} {contender:18s} {shown}", flush=True
-                )
-            rows.append({
-                "n_experts": n_experts, "expert_hidden": args.hidden, "ms": ms,
-                "peak_mb": peak_mb, "router_ms": router_ms,
-                "ratios": {f"{c}_over_moe": _ratio(ms.get(c), ms.get("moe"))
-                           for c in contenders if c != "moe"},
-            })  # fmt: skip
-        table = {"k": k, "contenders": contenders, "rows": rows}
+        table = {"k": k, "contenders": [c for c in contenders if c not in unavailable]}
+        table["rows"] = []
         if unavailable:
             table["unavailable"] = unavailable
         tables.append(table)
+    # Sizes outside, tables inside: a time limit then cuts the largest sizes of both tables,
+    # not the whole of the last one.
+    start, dense, skipped = time.perf_counter(), {}, []
+    for n_experts in args.experts:
+        if args.max_seconds is not None and time.perf_counter() - start > args.max_seconds:
+            skipped.append(n_experts)
+            continue
+        for table in tables:
+            row = _measure_size(args, table["k"], n_experts, table["contenders"], dense)
+            table["rows"].append(row)
+    for table in tables:
+        if skipped:
+            table["skipped_experts"] = skipped
     return {
         "device": _device_name(args.device),
         "dtype": args.dtype,
@@ -320,6 +353,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--contenders", nargs="+", default=list(ALL_CONTENDERS), choices=ALL_CONTENDERS
     )
+    parser.add_argument(
+        "--max-seconds", type=float,
+        help="start no new size after this many seconds (the sizes left out are reported)",
+    )  # fmt: skip
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -346,6 +383,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--tokens, --d-model, --hidden, --experts and --repeats must be >= 1")
     if args.warmup < 0:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.max_seconds is not None and args.max_seconds <= 0:
+        parser.error(f"--max-seconds must be > 0, got {args.max_seconds}")
     if min(args.experts) < max(args.k):
         parser.error(
             f"every --experts value must be >= --k ({max(args.k)}), got {min(args.experts)}"

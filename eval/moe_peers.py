@@ -9,13 +9,17 @@ router included, as those projects' users call it, so eval.bench_moe compares wh
       from a cumulative sum over a one-hot [T, E], a loop over the experts that received tokens
       with boolean indexing, dropped tokens passed through unchanged (transformers 4.x; 5.x gives
       them zero), the output scaled by the router probability.
+  OneHotSwitchMoE  the Switch layer as Mesh TensorFlow and GShard compute it: one-hot dispatch
+      and combine tensors [T, E, C] (C the capacity), every step an einsum over them, the
+      experts one batched product over [E, C, D] padded to the capacity.
   DenseFFN  D -> k·H -> D: the FLOPs k experts of width H spend per token.
 
 These are the best practice of each design (empty experts skipped, no per-row Python work), not
 copies of those projects' code. Every layer is bias-free, like the paper's experts (App. C.1).
 forward(x [T, D]) returns (y [T, D], auxiliary loss).
 
-Index letters: T tokens, D model width, E experts, K experts per token, H expert hidden width.
+Index letters: T tokens, D model width, E experts, K experts per token, H expert hidden width,
+C capacity (slots per expert).
 """
 
 from __future__ import annotations
@@ -147,7 +151,10 @@ class SwitchLoopMoE(nn.Module):
             router_in = router_in * torch.empty_like(router_in).uniform_(
                 1 - self.jitter_eps, 1 + self.jitter_eps
             )
-        probs = torch.softmax(self.router(router_in), dim=-1)  # [T, E]
+        # The router's weight in float32 too (transformers casts its classifier to the router
+        # dtype), so that a model cast to bf16 keeps a float32 router.
+        logits = F.linear(router_in, self.router.weight.to(router_in.dtype))  # [T, E]
+        probs = torch.softmax(logits, dim=-1)  # [T, E]
         expert_index = probs.argmax(-1)  # [T]
         one_hot = F.one_hot(expert_index, self.n_experts)  # [T, E]
         capacity = math.ceil(self.capacity_factor * n_tokens / self.n_experts)
@@ -160,3 +167,60 @@ class SwitchLoopMoE(nn.Module):
             rows = kept[:, expert_id].bool()
             next_states[rows] = self.experts[expert_id](x[rows]).to(next_states.dtype)
         return gate.to(x.dtype) * next_states, aux_loss
+
+
+class OneHotSwitchMoE(nn.Module):
+    """Top-1 Switch routing with a capacity, dispatched by dense one-hot tensors: a token's
+    slot in its expert is the running count of earlier tokens routed there (a cumulative sum),
+    tokens past the capacity are dropped (output zero, the residual carries them), and
+    dispatch, experts and combine are einsums. Its cost does not depend on which tokens go
+    where: the dispatch and combine contractions cost T·E·C·D each, cf·T²·D whatever E, and
+    every expert computes all C of its slots, filled or not. Router in float32, experts as
+    [E, D, H] and [E, H, D] tensors."""
+
+    def __init__(
+        self,
+        d_model: int,
+        n_experts: int,
+        hidden: int,
+        capacity_factor: float = 1.25,
+        jitter_eps: float = 1e-2,
+        w_balance: float = 1e-2,
+    ):
+        super().__init__()
+        self.n_experts, self.capacity_factor = n_experts, capacity_factor
+        self.jitter_eps, self.w_balance = jitter_eps, w_balance
+        self.w_router = nn.Parameter(torch.empty(d_model, n_experts))
+        self.w_in = nn.Parameter(torch.empty(n_experts, d_model, hidden))
+        self.w_out = nn.Parameter(torch.empty(n_experts, hidden, d_model))
+        # Each like an nn.Linear of its fan-in (the other designs' experts).
+        for weight, fan_in in (
+            (self.w_router, d_model),
+            (self.w_in, d_model),
+            (self.w_out, hidden),
+        ):
+            nn.init.uniform_(weight, -(fan_in**-0.5), fan_in**-0.5)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        n_tokens, n_experts = x.shape[0], self.n_experts
+        router_in = x.float()
+        if self.training and self.jitter_eps > 0:
+            router_in = router_in * torch.empty_like(router_in).uniform_(
+                1 - self.jitter_eps, 1 + self.jitter_eps
+            )
+        probs = torch.softmax(router_in @ self.w_router.float(), dim=-1)  # [T, E]
+        gate, expert_index = probs.max(-1)  # [T]
+        one_hot = F.one_hot(expert_index, n_experts).to(probs.dtype)  # [T, E]
+        capacity = math.ceil(self.capacity_factor * n_tokens / n_experts)
+        # Slot of each token in its expert: how many tokens before it chose the same one.
+        slot = ((one_hot.cumsum(0) - 1.0) * one_hot).sum(-1).long()  # [T]
+        kept = (slot < capacity).to(probs.dtype)  # [T]
+        slot_one_hot = F.one_hot(slot.clamp(max=capacity - 1), capacity).to(probs.dtype)  # [T, C]
+        dispatch = (one_hot * kept[:, None])[:, :, None] * slot_one_hot[:, None, :]  # [T, E, C]
+        combine = dispatch * gate[:, None, None]  # [T, E, C], the gate of the kept tokens
+        aux_loss = self.w_balance * n_experts * (one_hot.mean(0) * probs.mean(0)).sum()
+        dispatch, combine = dispatch.to(x.dtype), combine.to(x.dtype)
+        expert_in = torch.einsum("tec,td->ecd", dispatch, x)  # [E, C, D]
+        hidden = torch.relu(torch.einsum("ecd,edh->ech", expert_in, self.w_in))  # [E, C, H]
+        expert_out = torch.einsum("ech,ehd->ecd", hidden, self.w_out)  # [E, C, D]
+        return torch.einsum("tec,ecd->td", combine, expert_out), aux_loss  # [T, D]

@@ -44,6 +44,8 @@ def _grouped_mm_supported(rows: Tensor, weight: Tensor) -> bool:
     dtypes = _GROUPED_MM_DTYPES.get(rows.device.type, ())
     if rows.dtype not in dtypes or weight.dtype != rows.dtype:
         return False
+    if not hasattr(torch, "_grouped_mm"):  # PyTorch before 2.8: the padded bmm instead
+        return False
     if rows.device.type == "cuda" and torch.cuda.get_device_capability(rows.device) < (9, 0):
         return False
     # The kernel needs every row (of the inputs, the weights and their transposes in the
