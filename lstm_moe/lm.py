@@ -65,15 +65,20 @@ class MoEBlock(nn.Module):
         super().__init__()
         self.moe = MoELayer.from_config(config, process_group)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, MoEOutput]:
+    def forward(
+        self, x: Tensor, mask: Tensor | None = None, dropless: bool = False
+    ) -> tuple[Tensor, MoEOutput]:
         # x: [T, B, D], routed as T·B tokens in one call, lane by lane ([B, T] order): under a
         # capacity the earliest tokens in that order are kept, and since each rank holds a
         # contiguous block of lanes, W ranks then keep exactly the tokens one process keeps.
-        # mask: [T, B] bool, False on padding, which the layer does not route.
+        # mask: [T, B] bool, False on padding, which the layer does not route. dropless: no
+        # capacity for this call (MoELayer.forward; a decoder's steps).
         tokens = x.movedim(0, -2)  # [B, T, D] ([B, D] for one step stays as it is)
         # Without padding the layer is called without a mask ([B, T] when there is one).
-        masked = {} if mask is None else {"mask": mask.movedim(0, -1)}
-        result = self.moe(tokens, **masked)
+        options = {} if mask is None else {"mask": mask.movedim(0, -1)}
+        if dropless:
+            options["dropless"] = True
+        result = self.moe(tokens, **options)
         return torch.sigmoid(result.output.movedim(-2, 0)), result  # [T, B, D]
 
     def ops_per_timestep(self) -> int:

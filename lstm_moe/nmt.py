@@ -191,8 +191,11 @@ class TranslationModel(nn.Module):
 
     # ------------------------------------------------------------------ encoder
 
-    def encode(self, src: Tensor, src_mask: Tensor) -> tuple[Tensor, Tensor, list[MoEOutput]]:
-        """src: [S, B] int64; src_mask: [S, B] bool -> memory [S, B, D], aux loss, MoE results."""
+    def encode(
+        self, src: Tensor, src_mask: Tensor, dropless: bool = False
+    ) -> tuple[Tensor, Tensor, list[MoEOutput]]:
+        """src: [S, B] int64; src_mask: [S, B] bool -> memory [S, B, D], aux loss, MoE results.
+        dropless: the MoE layers apply no capacity (decoding)."""
         h = self.dropout(self.src_embedding(src))  # [S, B, D]
         lengths = src_mask.sum(0)  # [B]
         aux = h.new_zeros((), dtype=torch.float32)
@@ -203,7 +206,7 @@ class TranslationModel(nn.Module):
             elif isinstance(block, LSTMBlock):
                 out, _ = block(h, None)
             elif isinstance(block, MoEBlock):
-                out, result = block(h, src_mask)
+                out, result = block(h, src_mask, dropless)
                 results.append(result)
                 aux = aux + result.aux_loss
             else:
@@ -262,8 +265,10 @@ class TranslationModel(nn.Module):
     # ------------------------------------------------------------------ decoding
 
     def start_decoding(self, src: Tensor, src_mask: Tensor) -> DecoderState:
-        """src: [B, S] int64, src_mask: [B, S] bool -> the state of B rows (IncrementalDecoder)."""
-        memory, _, _ = self.encode(src.t(), src_mask.t())
+        """src: [B, S] int64, src_mask: [B, S] bool -> the state of B rows (IncrementalDecoder).
+        Decoding runs every MoE layer dropless, the encoder's too, so that a sentence's
+        translation does not depend on the sentences decoded beside it."""
+        memory, _, _ = self.encode(src.t(), src_mask.t(), dropless=True)
         memory = memory.transpose(0, 1)  # [B, S, D]
         n_lstm = sum(isinstance(b, LSTMBlock) for b in self.decoder)
         return DecoderState(
@@ -277,7 +282,10 @@ class TranslationModel(nn.Module):
     def decode_step(self, tokens: Tensor, state: DecoderState) -> DecodeStep:
         """tokens: [N] int64 -> the next token's log-probabilities [N, V] float32. Every MoE
         layer is called even with N = 0, so that ranks with no rows left keep exchanging
-        tokens with those that have some (lstm_moe.moe.parallel)."""
+        tokens with those that have some (lstm_moe.moe.parallel), and without a capacity: a
+        step's N rows are one per hypothesis, and a capacity sized for so few would drop
+        rows by collision and tie each hypothesis's result to the others' (MoELayer.forward,
+        dropless)."""
         e = self.tgt_embedding(tokens)  # [N, D]
         lstm_states: list[LSTMState | None] = []
         first = self.decoder[0]
@@ -295,7 +303,7 @@ class TranslationModel(nn.Module):
                 lstm_states.append(layer_state)
                 out = out[0]
             elif isinstance(block, MoEBlock):
-                out, _ = block(h[None])
+                out, _ = block(h[None], dropless=True)
                 out = out[0]
             else:
                 out = block(h)

@@ -227,7 +227,9 @@ class FeedForward(nn.Module):
         self.w_gate = nn.Linear(d_model, hidden, bias=False) if activation == "geglu" else None
         self.w_out = nn.Linear(hidden, d_model, bias=False)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, None]:
+    def forward(
+        self, x: Tensor, mask: Tensor | None = None, dropless: bool = False
+    ) -> tuple[Tensor, None]:
         """x: [B, T, D] -> ([B, T, D], None): the MoE layer's signature, with no routing."""
         hidden = self.w_in(x)
         hidden = torch.relu(hidden) if self.w_gate is None else F.gelu(self.w_gate(x)) * hidden
@@ -245,10 +247,16 @@ class MoEFeedForward(nn.Module):
         super().__init__()
         self.moe = MoELayer.from_config(config, process_group)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, MoEOutput]:
+    def forward(
+        self, x: Tensor, mask: Tensor | None = None, dropless: bool = False
+    ) -> tuple[Tensor, MoEOutput]:
         """x: [B, T, D], routed in [B, T] order; mask: [B, T] bool, False on padding (routed
-        nowhere, output 0), or None."""
-        result = self.moe(x, mask) if mask is not None else self.moe(x)
+        nowhere, output 0), or None. dropless: no capacity for this call (a decoder's step;
+        MoELayer.forward)."""
+        options = {} if mask is None else {"mask": mask}
+        if dropless:
+            options["dropless"] = True
+        result = self.moe(x, **options)
         return result.output, result
 
     def ops_per_token(self) -> int:
@@ -296,9 +304,11 @@ class TransformerLayer(nn.Module):
         memory_kv: tuple[Tensor, Tensor] | None = None,
         memory_mask: Tensor | None = None,
         need_weights: bool = False,
+        dropless: bool = False,
     ) -> tuple[Tensor, MoEOutput | None, tuple[Tensor, Tensor], Tensor | None]:
         """x: [B, T, D]; mask: [B, T] bool, False on padding (keys never attended to in an
-        encoder, positions never routed), or None. Returns the layer's output [B, T, D], its
+        encoder, positions never routed), or None. dropless: an MoE feed-forward applies no
+        capacity (a decoder's step). Returns the layer's output [B, T, D], its
         MoE result (None for a dense layer), the self-attention's keys and values (for a
         decoding cache) and the cross-attention probabilities [B, T, S] when asked."""
         key_mask = None if causal else mask  # causal: padding is after every real position
@@ -308,7 +318,7 @@ class TransformerLayer(nn.Module):
         if self.cross is not None:
             crossed, weights = self.cross(self.cross_norm(x), memory_kv, memory_mask, need_weights)
             x = x + self.dropout(crossed)
-        out, result = self.ffn(self.ffn_norm(x), mask)
+        out, result = self.ffn(self.ffn_norm(x), mask, dropless)
         return x + self.dropout(out), result, keys_values, weights
 
     def ops_per_token(self) -> int:
@@ -469,12 +479,15 @@ class TransformerTranslationModel(nn.Module):
             self.tgt_embed.tokens.weight = self.src_embed.tokens.weight
             self.softmax.weight = self.src_embed.tokens.weight
 
-    def encode(self, src: Tensor, src_mask: Tensor) -> tuple[Tensor, Tensor, list[MoEOutput]]:
-        """src: [B, S] int64; src_mask: [B, S] bool -> memory [B, S, D], aux loss, MoE results."""
+    def encode(
+        self, src: Tensor, src_mask: Tensor, dropless: bool = False
+    ) -> tuple[Tensor, Tensor, list[MoEOutput]]:
+        """src: [B, S] int64; src_mask: [B, S] bool -> memory [B, S, D], aux loss, MoE results.
+        dropless: the MoE layers apply no capacity (decoding)."""
         x = self.src_embed(src)
         results: list[MoEOutput] = []
         for layer in self.encoder:
-            x, result, _, _ = layer(x, src_mask, causal=False)
+            x, result, _, _ = layer(x, src_mask, causal=False, dropless=dropless)
             if result is not None:
                 results.append(result)
         memory = self.encoder_norm(x)
@@ -509,8 +522,11 @@ class TransformerTranslationModel(nn.Module):
     # ------------------------------------------------------------------ decoding
 
     def start_decoding(self, src: Tensor, src_mask: Tensor) -> TransformerDecoderState:
-        """src: [B, S] int64, src_mask: [B, S] bool -> the state of B rows."""
-        memory, _, _ = self.encode(src, src_mask)
+        """src: [B, S] int64, src_mask: [B, S] bool -> the state of B rows. Decoding runs every
+        MoE layer dropless, the encoder's too, so that a sentence's translation does not depend
+        on the sentences decoded beside it (expert choice in the encoder still ranks the
+        batch: it has no dropless form)."""
+        memory, _, _ = self.encode(src, src_mask, dropless=True)
         return TransformerDecoderState(
             memory_kv=[layer.cross.memory_keys(memory) for layer in self.decoder],
             self_kv=[None] * len(self.decoder),
@@ -522,7 +538,9 @@ class TransformerTranslationModel(nn.Module):
         """tokens: [N] int64 -> the next token's log-probabilities [N, V] float32 and the last
         layer's attention over the source (mean over heads) [N, S]. Every MoE layer is called
         even with N = 0, so that ranks with no rows left keep exchanging tokens with the
-        others (lstm_moe.moe.parallel)."""
+        others (lstm_moe.moe.parallel), and without a capacity: a step's N rows are one per
+        hypothesis, and a capacity sized for so few would drop rows by collision and tie each
+        hypothesis's result to the others' (MoELayer.forward, dropless)."""
         x = self.tgt_embed(tokens[:, None], state.position)  # [N, 1, D]
         new_cache: list[tuple[Tensor, Tensor] | None] = []
         weights = None
@@ -536,6 +554,7 @@ class TransformerTranslationModel(nn.Module):
                 memory_kv=state.memory_kv[index],
                 memory_mask=state.src_mask,
                 need_weights=last,
+                dropless=True,
             )
             new_cache.append(keys_values)
             weights = layer_weights if last else weights

@@ -325,12 +325,16 @@ class MoELayer(nn.Module):
             **options,
         )
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> MoEOutput:
+    def forward(self, x: Tensor, mask: Tensor | None = None, dropless: bool = False) -> MoEOutput:
         """x: [..., D] float; mask: [...] bool (x's leading shape), True for a real token, or
         None (every token real). A masked token is routed to no expert, its output is exactly
         0, and it counts in no loss, capacity or statistic: a padded batch gives its real
         tokens the results of those tokens alone (up to the routers' random draws, which
-        padded rows still take). Returns MoEOutput with output [..., D]."""
+        padded rows still take). dropless: this call applies no capacity, whatever the config
+        says (a decoder's step routes a few rows, one per sentence, where a capacity sized
+        for them would drop tokens by collision and make each row's result depend on the
+        others'); expert choice, whose capacity is its choice, ignores it.
+        Returns MoEOutput with output [..., D]."""
         d_model = self.config.d_model
         if x.shape[-1] != d_model:
             raise ValueError(f"input width (last dim) must be d_model={d_model}, got {x.shape[-1]}")
@@ -358,7 +362,12 @@ class MoELayer(nn.Module):
             )
         else:
             output, dispatch = self.mix_experts(
-                tokens, routing.expert_index, routing.gates, routing.slot_priority, token_mask
+                tokens,
+                routing.expert_index,
+                routing.gates,
+                routing.slot_priority,
+                token_mask,
+                dropless=dropless,
             )
         stats = _routing_stats(routing, dispatch.rows_per_expert, dispatch.routed_per_expert)
         output = output.view(*x.shape[:-1], d_model)
@@ -371,14 +380,17 @@ class MoELayer(nn.Module):
         gates: Tensor,
         slot_priority: bool = False,
         mask: Tensor | None = None,
+        dropless: bool = False,
     ) -> tuple[Tensor, ExpertDispatch]:
         """Σ_slot gates · expert(token) for a given routing: dispatch, experts, combine.
 
         tokens: [T, D]; expert_index (global expert ids), gates: [T, K]; slot_priority: see
         Routing; mask: [T] bool, True for a real token (masked ones are never dispatched), or
         None. Returns ([T, D], what the dispatch did over the batch of all ranks). The
-        capacity factor is eval_capacity_factor's in evaluation mode, where one is set.
+        capacity factor is eval_capacity_factor's in evaluation mode, where one is set, and
+        none with dropless.
         """
+        capacity_factor = None if dropless else self.config.capacity_factor_for(self.training)
         return parallel.mix_experts(
             tokens,
             expert_index,
@@ -386,7 +398,7 @@ class MoELayer(nn.Module):
             self.experts,
             self.config.n_experts,
             self.group,
-            self.config.capacity_factor_for(self.training),
+            capacity_factor,
             self.config.experts_per_token,
             slot_priority,
             mask,

@@ -67,3 +67,17 @@ def test_batchwise_gate_of_a_nearly_dead_expert_renormalises_to_one():
     routing = router(torch.tensor([[1.0, 0.0]]))  # G_σ = [1, e^-90]
     assert routing.expert_index.tolist() == [[1]]
     torch.testing.assert_close(routing.gates, torch.ones(1, 1))
+
+
+def test_a_dropless_call_ignores_the_capacity():
+    """forward(dropless=True) keeps every pair a capacity would drop, and equals the layer
+    built dropless with the same weights."""
+    torch.manual_seed(0)
+    capped = MoELayer(8, 4, 16, 1, "switch", capacity_factor=0.25).eval()
+    free = MoELayer(8, 4, 16, 1, "switch").eval()
+    free.load_state_dict(capped.state_dict())
+    x = torch.randn(12, 8)
+    assert float(capped(x).stats.fraction_dropped) > 0
+    got, want = capped(x, dropless=True), free(x)
+    assert float(got.stats.fraction_dropped) == 0
+    torch.testing.assert_close(got.output, want.output, rtol=0, atol=0)

@@ -128,6 +128,35 @@ def test_expert_choice_in_the_encoder_decodes_as_it_recomputes():
             state = step.state
 
 
+def test_a_capacity_never_drops_decoding_rows():
+    """A tight capacity (0.25 of a row per expert) would drop most of a step's rows; decoding
+    runs the experts dropless, so every hypothesis gets what it gets decoded alone, and what
+    the model computes over the whole target with no capacity."""
+    torch.manual_seed(4)
+    config = TransformerNMTConfig(
+        vocab_size=VOCAB, d_model=D, encoder_layers=1, decoder_layers=2, n_heads=2,
+        ffn_hidden=32, moe=moe("switch", capacity_factor=0.25), encoder_moe_layers=(0,),
+        decoder_moe_layers=(0, 1), dropout=0.0,
+    )  # fmt: skip
+    model = TransformerTranslationModel(config).eval()
+    dropless = TransformerTranslationModel(dataclasses.replace(config, moe=moe("switch"))).eval()
+    dropless.load_state_dict(model.state_dict())
+    src = torch.randint(3, VOCAB, (6, 4))  # [S, B]
+    src_mask = torch.ones(6, 4, dtype=torch.bool)
+    tgt = torch.randint(3, VOCAB, (5, 4))  # [T, B]
+    with torch.no_grad():
+        out = dropless(src, src_mask, tgt, torch.ones(5, 4, dtype=torch.bool))
+        full = torch.log_softmax(dropless.softmax.logits(out.hidden), -1)  # [T, B, V]
+        state = model.start_decoding(src.t(), src_mask.t())
+        alone = model.start_decoding(src.t()[2:3], src_mask.t()[2:3])
+        for t in range(5):
+            step = model.decode_step(tgt[t], state)
+            single = model.decode_step(tgt[t, 2:3], alone)
+            torch.testing.assert_close(step.log_probs, full[t], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(single.log_probs[0], step.log_probs[2], rtol=1e-5, atol=1e-5)
+            state, alone = step.state, single.state
+
+
 def test_decoding_rows_can_be_selected_repeated_and_dropped():
     torch.manual_seed(2)
     model = nmt().eval()

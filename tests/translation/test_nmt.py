@@ -5,6 +5,7 @@ sizes are the paper's."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -134,6 +135,25 @@ def test_gradients_reach_every_trained_parameter():
         if p.requires_grad:
             assert p.grad is not None and torch.isfinite(p.grad).all(), name
             assert p.grad.abs().sum() > 0, name
+
+
+def test_a_capacity_never_drops_decoding_rows():
+    """With a capacity of a quarter row per expert, the steps of one hypothesis do not depend
+    on the others decoded beside it: decoding runs the MoE dropless."""
+    torch.manual_seed(5)
+    config = tiny_config(router="switch")
+    config = dataclasses.replace(
+        config, moe=dataclasses.replace(config.moe, k=1, capacity_factor=0.25)
+    )
+    model = TranslationModel(config).eval()
+    src, src_mask, tgt, _ = batch([6, 6, 6, 6], [4, 4, 4, 4])
+    with torch.no_grad():
+        state = model.start_decoding(src.t(), src_mask.t())
+        alone = model.start_decoding(src.t()[1:2], src_mask.t()[1:2])
+        for t in range(tgt.shape[0]):
+            step, single = model.decode_step(tgt[t], state), model.decode_step(tgt[t, 1:2], alone)
+            torch.testing.assert_close(single.log_probs[0], step.log_probs[1], rtol=1e-5, atol=1e-6)
+            state, alone = step.state, single.state
 
 
 def test_a_decoding_step_with_no_rows():
