@@ -87,10 +87,14 @@ class TransformerLMConfig:
         (the moe config: router, n_experts, k, capacity) to k experts, each holding a [D, 3D]
         projection, through the one dispatcher; the output projection stays dense. Default ()
         (Switch left them out of its final models: in bfloat16 they diverged).
-        Cost: per layer, (n_experts - 1)·3·D² parameters more than the dense projection and
-        the router's D·E, and the same active multiply-adds per token for top-1 (D·3D) plus
-        the gating's D·E. Measured on 2 CPU cores (switch-32 against switch-32-attn, whole
-        training steps of 32 × 64 tokens): ATTN_COST.
+        Cost: per layer, (n_experts - 1)·3·D² parameters more than the dense projection, and
+        the router's D·E; per token, for top-1, the dense projection's D·3D multiply-adds and
+        the gating's D·E. The switch-32-attn preset (attention experts in layers 1 and 3 of
+        switch-32) has 12.2M parameters more (47.9M against 35.7M, embedding and softmax
+        excluded), 3.178M against 3.162M multiply-adds per token, and took 1.07× the time of
+        a switch-32 training step on 2 CPU cores (0.95 against 0.88 s for 32 × 64 tokens;
+        `python -m eval.bench_transformer --presets transformer-dense switch-32
+        switch-32-attn`, the presets taking turns; README, Transformer backbones).
     attention_moe_float32: the attention experts' product runs in float32 under autocast (as
         Table 10 trained them; bfloat16 diverged there); false lets it take the autocast dtype.
     positions: "sinusoidal" (default, see the module docstring) or "learned" (max_positions
