@@ -312,3 +312,11 @@ def test_a_translation_model_with_attention_experts_trains_and_translates(
     assert read_json(run / "config.json")["model"]["decoder_attention_moe_layers"] == [1]
     assert translate_main([str(run), "--quiet", "--limit=4", "--beam=2"]) == 0
     assert (run / "eval" / "bleu.json").is_file()
+
+
+def test_the_report_marks_the_layers_with_attention_experts():
+    from eval.report import _transformer_stack
+
+    assert _transformer_stack(4, [1, 3], [1, 3]) == "ffn-moe+qkv-ffn-moe+qkv"
+    assert _transformer_stack(2, [], [0]) == "ffn+qkv-ffn"
+    assert _transformer_stack(2, [1]) == "ffn-moe"  # a run saved before the option
