@@ -110,17 +110,33 @@ def _describe_layers(model: dict) -> str:
     if "layers" in model:
         return "-".join(model["layers"])
     if "n_layers" in model:  # a Transformer LM (switch.config)
-        return _transformer_stack(model["n_layers"], model["moe_layers"])
+        return _transformer_stack(
+            model["n_layers"], model["moe_layers"], model.get("attention_moe_layers", [])
+        )
     if isinstance(model["encoder_layers"], int):  # an encoder-decoder Transformer
-        encoder = _transformer_stack(model["encoder_layers"], model["encoder_moe_layers"])
-        decoder = _transformer_stack(model["decoder_layers"], model["decoder_moe_layers"])
+        encoder = _transformer_stack(
+            model["encoder_layers"],
+            model["encoder_moe_layers"],
+            model.get("encoder_attention_moe_layers", []),
+        )
+        decoder = _transformer_stack(
+            model["decoder_layers"],
+            model["decoder_moe_layers"],
+            model.get("decoder_attention_moe_layers", []),
+        )
         return f"enc {encoder}, dec {decoder}"
     return "enc " + "-".join(model["encoder_layers"]) + ", dec " + "-".join(model["decoder_layers"])
 
 
-def _transformer_stack(n_layers: int, moe_layers: list[int]) -> str:
-    """A Transformer stack as its feed-forward layers: "ffn-moe-ffn-moe"."""
-    return "-".join("moe" if i in moe_layers else "ffn" for i in range(n_layers))
+def _transformer_stack(
+    n_layers: int, moe_layers: list[int], attention_moe_layers: list[int] = ()
+) -> str:
+    """A Transformer stack as its feed-forward layers, "+qkv" where the attention's Q/K/V
+    projection is routed to experts too: "ffn-moe-ffn-moe", "ffn-moe+qkv-ffn-moe+qkv"."""
+    return "-".join(
+        ("moe" if i in moe_layers else "ffn") + ("+qkv" if i in attention_moe_layers else "")
+        for i in range(n_layers)
+    )
 
 
 def _has_moe(model: dict) -> bool:
@@ -128,7 +144,14 @@ def _has_moe(model: dict) -> bool:
         return "moe" in model["layers"]
     if isinstance(model.get("encoder_layers"), list):  # the LSTM translation model
         return "moe" in (*model["encoder_layers"], *model["decoder_layers"])
-    keys = ("moe_layers", "encoder_moe_layers", "decoder_moe_layers")  # Transformers
+    keys = (  # Transformers
+        "moe_layers",
+        "encoder_moe_layers",
+        "decoder_moe_layers",
+        "attention_moe_layers",
+        "encoder_attention_moe_layers",
+        "decoder_attention_moe_layers",
+    )
     return any(model.get(key) for key in keys)
 
 

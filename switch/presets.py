@@ -9,6 +9,11 @@ token (expert width × experts per token = 1024; the routers' small gating produ
                         probabilities, second choices after every first, capacity factor 1.25)
     moe-top4-32         the 2017 noisy top-4 of 32 experts of width 256, dropless, with the
                         importance and load losses (App. A)
+    switch-32-attn      switch-32 with attention experts in the same layers (Switch App. A,
+                        Table 10: experts in both the feed-forward and the attention layers):
+                        the Q/K/V projection routed top-1 to 32 experts of [256, 768] by a
+                        router of its own, in float32 under autocast; the same active FLOPs
+                        per token again, plus a gating product (a language model only)
 
 The language models are 4 layers deep (MoE in layers 1 and 3); the translation models
 (prefixed "NMT-") 3 + 3 (MoE in layer 1 of each), with label smoothing 0.1 and one embedding
@@ -78,6 +83,9 @@ TRANSFORMER_LM_PRESETS: dict[str, TransformerLMConfig] = {
         name: dataclasses.replace(_LM, moe=moe, moe_layers=(1, 3))
         for name, moe in _sparse_layers().items()
     },
+    "switch-32-attn": dataclasses.replace(
+        _LM, moe=_switch(32), moe_layers=(1, 3), attention_moe_layers=(1, 3)
+    ),
 }
 
 TRANSFORMER_NMT_PRESETS: dict[str, TransformerNMTConfig] = {

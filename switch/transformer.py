@@ -8,6 +8,12 @@ default). In the layers a config lists, the feed-forward layer is the core's MoE
 router, the one dispatcher, batched experts, expert parallelism — applied to every position
 of the batch in one call, padding masked out so that it never routes; elsewhere it is a dense
 layer (the baseline's, of equal FLOPs per token when its width is the experts' active width).
+In the layers a config lists as attention MoE layers, the self-attention's fused Q/K/V
+projection is routed too (Switch App. A, Table 10): the core's MoEProjection, the same router
+kind and dispatcher with linear experts [E, D, 3D], in float32 under autocast by default.
+Routing is per token, so a causal decoder stays causal (dropless) and its key/value cache
+holds what full recomputation computes; the output projection and the cross-attention stay
+dense.
 
 They speak the interfaces of the 2017 models, so the same tasks, engine and evaluation serve
 them: TransformerLM returns lstm_moe.lm.LMOutput (its state is empty: each window is read
@@ -35,7 +41,7 @@ from torch import Tensor, nn
 
 from lstm_moe.decoding import DecodeStep
 from lstm_moe.lm import LMOutput, token_nll, trained_params
-from lstm_moe.moe import MoEConfig, MoELayer, MoEOutput
+from lstm_moe.moe import MoEConfig, MoELayer, MoEOutput, MoEProjection
 from lstm_moe.nmt import NMTOutput
 from lstm_moe.softmax import Softmax
 
@@ -142,13 +148,23 @@ def _merge_heads(x: Tensor) -> Tensor:
 
 class SelfAttention(nn.Module):
     """Multi-head self-attention; causal in decoders. Q, K and V come from one [D, 3D]
-    projection; a cache (keys and values of the positions before) serves incremental
-    decoding."""
+    projection, dense or, given `experts` (an MoEProjection to 3D), routed token by token to
+    experts that each hold their own [D, 3D] (Switch App. A, Figure 10, Table 10); the output
+    projection is dense either way. A cache (keys and values of the positions before) serves
+    incremental decoding."""
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float):
+    def __init__(
+        self, d_model: int, n_heads: int, dropout: float, experts: MoEProjection | None = None
+    ):
         super().__init__()
         self.n_heads, self.dropout = n_heads, dropout
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        shape = None if experts is None else (experts.config.d_model, experts.d_out)
+        if shape is not None and shape != (d_model, 3 * d_model):
+            raise ValueError(
+                f"the attention experts must map {d_model} to {3 * d_model}, got "
+                f"{experts.config.d_model} to {experts.d_out}"
+            )
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False) if experts is None else experts
         self.out = nn.Linear(d_model, d_model, bias=False)
 
     def forward(
@@ -157,19 +173,34 @@ class SelfAttention(nn.Module):
         key_mask: Tensor | None,
         causal: bool,
         cache: tuple[Tensor, Tensor] | None = None,
-    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        mask: Tensor | None = None,
+        dropless: bool = False,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor], MoEOutput | None]:
         """x: [B, T, D]; key_mask: [B, T] bool (False: padding, never attended to) or None;
-        cache: the keys and values [B, H, t, d] of the t positions before x (decoding).
-        Returns ([B, T, D], the keys and values including x's)."""
-        q, k, v = (_heads(part, self.n_heads) for part in self.qkv(x).chunk(3, dim=-1))
+        cache: the keys and values [B, H, t, d] of the t positions before x (decoding);
+        mask: [B, T] bool, False on padding, which the attention experts route nowhere (its
+        query, key and value are 0), or None; dropless: the attention experts apply no
+        capacity (a decoder's step). Returns ([B, T, D], the keys and values
+        including x's, the attention experts' MoEOutput or None for a dense projection)."""
+        result = None
+        if isinstance(self.qkv, MoEProjection):
+            result = self.qkv(x, mask, dropless)
+            qkv = result.output  # [B, T, 3D]
+        else:
+            qkv = self.qkv(x)  # [B, T, 3D]
+        q, k, v = (_heads(part, self.n_heads) for part in qkv.chunk(3, dim=-1))
         if cache is not None:
             k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
         allowed = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, S]
         dropout = self.dropout if self.training else 0.0
         out, _ = attend(q, k, v, allowed, causal, dropout)
-        return self.out(_merge_heads(out)), (k, v)
+        return self.out(_merge_heads(out)), (k, v), result
 
     def ops_per_token(self) -> int:
+        """The projections' multiply-adds; with experts, those of the k experts a token uses
+        (D·3D each) and the router's gating (MoEProjection.ops_per_token)."""
+        if isinstance(self.qkv, MoEProjection):
+            return self.qkv.ops_per_token() + self.out.weight.numel()
         return self.qkv.weight.numel() + self.out.weight.numel()
 
 
@@ -273,7 +304,8 @@ class MoEFeedForward(nn.Module):
 
 class TransformerLayer(nn.Module):
     """x + Dropout(SelfAttention(LN(x))), [x + Dropout(CrossAttention(LN(x), memory))],
-    x + Dropout(FFN(LN(x))): pre-norm (Xiong et al. 2020)."""
+    x + Dropout(FFN(LN(x))): pre-norm (Xiong et al. 2020). attention_experts: the
+    self-attention's routed Q/K/V projection (an MoEProjection), None for a dense one."""
 
     def __init__(
         self,
@@ -283,10 +315,11 @@ class TransformerLayer(nn.Module):
         dropout: float,
         attention_dropout: float,
         cross_attention: bool = False,
+        attention_experts: MoEProjection | None = None,
     ):
         super().__init__()
         self.attention_norm = nn.LayerNorm(d_model)
-        self.attention = SelfAttention(d_model, n_heads, attention_dropout)
+        self.attention = SelfAttention(d_model, n_heads, attention_dropout, attention_experts)
         self.cross_norm = self.cross = None
         if cross_attention:
             self.cross_norm = nn.LayerNorm(d_model)
@@ -305,21 +338,25 @@ class TransformerLayer(nn.Module):
         memory_mask: Tensor | None = None,
         need_weights: bool = False,
         dropless: bool = False,
-    ) -> tuple[Tensor, MoEOutput | None, tuple[Tensor, Tensor], Tensor | None]:
+    ) -> tuple[Tensor, list[MoEOutput], tuple[Tensor, Tensor], Tensor | None]:
         """x: [B, T, D]; mask: [B, T] bool, False on padding (keys never attended to in an
-        encoder, positions never routed), or None. dropless: an MoE feed-forward applies no
-        capacity (a decoder's step). Returns the layer's output [B, T, D], its
-        MoE result (None for a dense layer), the self-attention's keys and values (for a
-        decoding cache) and the cross-attention probabilities [B, T, S] when asked."""
+        encoder, positions never routed), or None. dropless: the MoE layers apply no capacity
+        (a decoder's step). Returns the layer's output [B, T, D], its MoE results (the
+        attention experts' first, then the MoE feed-forward's; empty for a dense layer), the
+        self-attention's keys and values (for a decoding cache) and the cross-attention
+        probabilities [B, T, S] when asked."""
         key_mask = None if causal else mask  # causal: padding is after every real position
-        attended, keys_values = self.attention(self.attention_norm(x), key_mask, causal, cache)
+        attended, keys_values, routed = self.attention(
+            self.attention_norm(x), key_mask, causal, cache, mask, dropless
+        )
         x = x + self.dropout(attended)
         weights = None
         if self.cross is not None:
             crossed, weights = self.cross(self.cross_norm(x), memory_kv, memory_mask, need_weights)
             x = x + self.dropout(crossed)
         out, result = self.ffn(self.ffn_norm(x), mask, dropless)
-        return x + self.dropout(out), result, keys_values, weights
+        results = [r for r in (routed, result) if r is not None]
+        return x + self.dropout(out), results, keys_values, weights
 
     def ops_per_token(self) -> int:
         cross = 0 if self.cross is None else self.cross.ops_per_token()
@@ -327,7 +364,12 @@ class TransformerLayer(nn.Module):
 
 
 def _build_stack(
-    config, n_layers: int, moe_layers: tuple[int, ...], cross: bool, process_group
+    config,
+    n_layers: int,
+    moe_layers: tuple[int, ...],
+    attention_moe_layers: tuple[int, ...],
+    cross: bool,
+    process_group,
 ) -> nn.ModuleList:
     layers = []
     for index in range(n_layers):
@@ -335,6 +377,15 @@ def _build_stack(
             ffn: nn.Module = MoEFeedForward(config.moe, process_group)
         else:
             ffn = FeedForward(config.d_model, config.ffn_hidden, config.activation)
+        experts = None
+        if index in attention_moe_layers:
+            # The model's MoE config (router, E, k, capacity), a [D, 3D] projection per expert.
+            experts = MoEProjection(
+                config.moe,
+                3 * config.d_model,
+                float32=config.attention_moe_float32,
+                process_group=process_group,
+            )
         layers.append(
             TransformerLayer(
                 config.d_model,
@@ -343,6 +394,7 @@ def _build_stack(
                 config.dropout,
                 config.attention_dropout,
                 cross_attention=cross,
+                attention_experts=experts,
             )
         )
     return nn.ModuleList(layers)
@@ -377,11 +429,14 @@ def _sum_aux(results: list[MoEOutput], like: Tensor) -> Tensor:
 
 
 class TransformerLM(nn.Module):
-    """A causal Transformer language model with MoE layers where config.moe_layers says.
+    """A causal Transformer language model with MoE layers where config.moe_layers says, and
+    attention experts where config.attention_moe_layers says.
 
     forward(inputs [T, B], state=None, mask=None) -> LMOutput: the LSTM model's interface
     (time-major ids, the hidden states before the softmax, an empty state), so the LM task
-    trains and evaluates both. process_group: expert parallelism over its ranks, or None.
+    trains and evaluates both; its moe results are layer by layer, the attention experts'
+    before the feed-forward's, and its aux_loss sums them all. process_group: expert
+    parallelism over its ranks, or None.
     """
 
     def __init__(self, config: TransformerLMConfig, process_group: dist.ProcessGroup | None = None):
@@ -389,7 +444,14 @@ class TransformerLM(nn.Module):
         self.config = config
         positions = Positions(config.positions, config.d_model, config.max_positions)
         self.embed = _Embedder(config.vocab_size, config.d_model, positions, config.dropout)
-        self.layers = _build_stack(config, config.n_layers, config.moe_layers, False, process_group)
+        self.layers = _build_stack(
+            config,
+            config.n_layers,
+            config.moe_layers,
+            config.attention_moe_layers,
+            False,
+            process_group,
+        )
         self.final_norm = nn.LayerNorm(config.d_model)
         self.softmax = Softmax(config.d_model, config.vocab_size, config.n_samples)
         if config.tie_embeddings:
@@ -406,9 +468,8 @@ class TransformerLM(nn.Module):
         batch_mask = None if mask is None else mask.t()  # [B, T]
         results: list[MoEOutput] = []
         for layer in self.layers:
-            x, result, _, _ = layer(x, batch_mask, causal=True)
-            if result is not None:
-                results.append(result)
+            x, layer_results, _, _ = layer(x, batch_mask, causal=True)
+            results += layer_results
         hidden = self.final_norm(x).transpose(0, 1)  # [T, B, D]
         return LMOutput(hidden, [], _sum_aux(results, hidden), results)
 
@@ -425,8 +486,9 @@ class TransformerLM(nn.Module):
 
     def ops_per_timestep(self) -> int:
         """Multiply-adds per token between the embedding and the softmax: the projections and
-        feed-forward layers (MoE layers: the experts a token uses and the router), without
-        the attention's q·k and p·v products, which grow with the window."""
+        feed-forward layers (MoE layers and attention experts: the experts a token uses and
+        the router), without the attention's q·k and p·v products, which grow with the
+        window."""
         return sum(layer.ops_per_token() for layer in self.layers)
 
     def params_excluding_embedding_softmax(self) -> int:
@@ -452,7 +514,9 @@ class TransformerDecoderState:
 
 
 class TransformerTranslationModel(nn.Module):
-    """An encoder-decoder Transformer with MoE layers where the config lists them.
+    """An encoder-decoder Transformer with MoE layers and attention experts where the config
+    lists them (MoE results: the encoder's, then the decoder's, layer by layer, attention
+    experts first).
 
     Training: forward(src [S, B], src_mask, tgt_in [T, B], tgt_mask) -> NMTOutput, nll(): the
     LSTM model's interface. Decoding: lstm_moe.decoding.IncrementalDecoder."""
@@ -467,11 +531,21 @@ class TransformerTranslationModel(nn.Module):
         self.src_embed = _Embedder(config.vocab_size, d, positions, config.dropout)
         self.tgt_embed = _Embedder(config.vocab_size, d, positions, config.dropout)
         self.encoder = _build_stack(
-            config, config.encoder_layers, config.encoder_moe_layers, False, process_group
+            config,
+            config.encoder_layers,
+            config.encoder_moe_layers,
+            config.encoder_attention_moe_layers,
+            False,
+            process_group,
         )
         self.encoder_norm = nn.LayerNorm(d)
         self.decoder = _build_stack(
-            config, config.decoder_layers, config.decoder_moe_layers, True, process_group
+            config,
+            config.decoder_layers,
+            config.decoder_moe_layers,
+            config.decoder_attention_moe_layers,
+            True,
+            process_group,
         )
         self.decoder_norm = nn.LayerNorm(d)
         self.softmax = Softmax(d, config.vocab_size)
@@ -487,9 +561,8 @@ class TransformerTranslationModel(nn.Module):
         x = self.src_embed(src)
         results: list[MoEOutput] = []
         for layer in self.encoder:
-            x, result, _, _ = layer(x, src_mask, causal=False, dropless=dropless)
-            if result is not None:
-                results.append(result)
+            x, layer_results, _, _ = layer(x, src_mask, causal=False, dropless=dropless)
+            results += layer_results
         memory = self.encoder_norm(x)
         return memory, _sum_aux(results, memory), results
 
@@ -501,15 +574,15 @@ class TransformerTranslationModel(nn.Module):
         x = self.tgt_embed(tgt_in.t())  # [B, T, D]
         tgt_mask = tgt_mask.t()
         for layer in self.decoder:
-            x, result, _, _ = layer(
+            x, layer_results, _, _ = layer(
                 x,
                 tgt_mask,
                 causal=True,
                 memory_kv=layer.cross.memory_keys(memory),
                 memory_mask=src_mask,
             )
-            if result is not None:
-                results.append(result)
+            results += layer_results
+            for result in layer_results:
                 aux = aux + result.aux_loss
         return NMTOutput(self.decoder_norm(x).transpose(0, 1), aux, results)
 

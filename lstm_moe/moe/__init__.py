@@ -2,7 +2,8 @@
 
 router (routing.py, hierarchical.py, batchwise.py, switch_router.py, expert_choice.py; by name
 through routers.ROUTERS) -> dispatcher (dispatch.py) -> batched experts (experts.py), with the
-experts sharded over ranks by parallel.py (one rank is the same code), assembled in layer.py.
+experts sharded over ranks by parallel.py (one rank is the same code), assembled in layer.py; the
+same router and dispatcher with linear experts make a routed projection (projection.py).
 """
 
 from .batchwise import BatchwiseRouter
@@ -16,7 +17,7 @@ from .dispatch import (
     plan_dispatch,
 )
 from .expert_choice import ExpertChoiceRouter
-from .experts import BatchedExperts, grouped_matmul
+from .experts import BatchedExperts, BatchedLinearExperts, grouped_matmul
 from .hierarchical import HierarchicalRouter
 from .layer import MoEConfig, MoELayer, MoEOutput, MoEStats
 from .losses import cv_squared, prob_in_top_k
@@ -28,6 +29,7 @@ from .parallel import (
     shard_state_dict,
     share_capacity,
 )
+from .projection import MoEProjection
 from .routers import ROUTERS, build_router
 from .routing import NoisyTopKRouter, Router, Routing, noisy_top_k_gating
 from .switch_router import SwitchRouter, load_balancing_loss
@@ -35,6 +37,7 @@ from .switch_router import SwitchRouter, load_balancing_loss
 __all__ = [
     "ROUTERS",
     "BatchedExperts",
+    "BatchedLinearExperts",
     "BatchwiseRouter",
     "DispatchPlan",
     "ExpertChoice",
@@ -44,6 +47,7 @@ __all__ = [
     "MoEConfig",
     "MoELayer",
     "MoEOutput",
+    "MoEProjection",
     "MoEStats",
     "NoisyTopKRouter",
     "ParallelGroup",

@@ -3,7 +3,8 @@ al. 2017, App. C.1) or GEGLU experts (Shazeer 2020), computed as grouped matrix 
 expert-contiguous rows: on the CPU one GEMM per expert on views of the rows (no copies), or one
 bmm over a view when every expert has the same number of rows (the strictly balanced gate of
 App. F in training); on CUDA in bf16 the grouped kernel; elsewhere a padded bmm; all behind
-grouped_matmul.
+grouped_matmul. BatchedLinearExperts are E linear maps on the same product (the experts of a
+routed projection: Switch's attention experts).
 
 On the CPU the bias-free expert (the paper's) runs as one function, expert by expert: both
 products and the ReLU of one expert while its rows are in cache, the ReLU and its derivative in
@@ -13,7 +14,7 @@ cannot do (biases, GEGLU, dropout between the two products) runs as grouped_matm
 the elementwise steps between them.
 
 Index letters: N rows (tokens routed to experts, sorted by expert), E experts, D model width,
-H expert hidden width, C padded rows per expert.
+H expert hidden width, D' a linear expert's output width, C padded rows per expert.
 """
 
 from __future__ import annotations
@@ -307,6 +308,21 @@ def expert_feed_forward(
     return grouped_matmul(hidden, w_out, rows_per_expert)
 
 
+def expert_generators(
+    first_expert: int, n_held: int, device: torch.device
+) -> list[tuple[int, torch.Generator]]:
+    """(local index, generator) for each of the n_held experts from global id first_expert:
+    one draw of the global random stream seeds them all, expert e from seed + e. So a shard
+    draws exactly what one process draws for those experts (on the same device type: CPU and
+    CUDA generators differ), and the global stream moves on by one draw at any number of ranks.
+    """
+    base_seed = int(torch.randint(2**62, (1,), device="cpu"))  # the one global draw
+    return [
+        (local, torch.Generator(device).manual_seed(base_seed + first_expert + local))
+        for local in range(n_held)
+    ]
+
+
 class BatchedExperts(nn.Module):
     """E experts, stored as [E, D, H] and [E, H, D]:
     "relu": `x -> W_out·ReLU(W_in·x + b_in) + b_out` (App. C.1);
@@ -384,9 +400,7 @@ class BatchedExperts(nn.Module):
         device = self.w_in.device
         if device.type == "meta":  # shapes only (e.g. counting parameters): nothing to draw
             return
-        base_seed = int(torch.randint(2**62, (1,), device="cpu"))  # the one global draw
-        for local in range(self.n_experts):
-            generator = torch.Generator(device).manual_seed(base_seed + self.first_expert + local)
+        for local, generator in expert_generators(self.first_expert, self.n_experts, device):
             # One order of draws per expert: w_in, w_out, the biases, then the gate, so that a
             # ReLU expert draws what it always drew.
             if self.init == "uniform":
@@ -448,4 +462,84 @@ class BatchedExperts(nn.Module):
             f"n_experts={self.n_experts}, d_model={self.d_model}, "
             f"expert_hidden={self.expert_hidden}, bias={self.b_in is not None}, "
             f"activation={self.activation}, init={self.init}, dropout={self.dropout}"
+        )
+
+
+class BatchedLinearExperts(nn.Module):
+    """E bias-free linear maps stored as one weight [E, D, D']: expert e computes x·W[e], all of
+    them as one grouped_matmul over expert-contiguous rows. The experts of a routed projection
+    (projection.py), such as Switch's attention experts, whose experts hold the query, key and
+    value projections (Fedus et al. 2021, App. A, Figure 10, Table 10).
+
+    expert_range: [first, last) of the experts held (one rank's shard), None for all n_experts;
+    each expert is drawn from its own generator (expert_generators), so a shard holds exactly
+    what one process draws for those experts. init: "uniform" draws each weight in ±1/√D, as
+    nn.Linear draws a dense projection (one expert starts as the dense layer it replaces
+    would); "trunc_normal" is Switch's reduced initialisation (§2.4), standard deviation
+    sqrt(init_scale / D) after the cut at ±2σ.
+
+    float32: under autocast, compute the product in float32 (or the weight's dtype if wider)
+    instead of the autocast dtype. Switch Table 10 trained its attention experts in float32:
+    in bfloat16 they diverged. False takes the autocast dtype, as the feed-forward experts do.
+    Outside autocast the product runs in the rows' own dtype (the weight's).
+    """
+
+    # The weight is [E/W, D, D'], one block per expert: expert parallelism shards it instead of
+    # replicating it (parallel.expert_tensor_names).
+    holds_expert_shard = True
+
+    def __init__(
+        self,
+        n_experts: int,
+        d_model: int,
+        d_out: int,
+        expert_range: tuple[int, int] | None = None,
+        *,
+        init: str = "uniform",
+        init_scale: float = 0.1,
+        float32: bool = True,
+    ):
+        super().__init__()
+        if d_model < 1 or d_out < 1:
+            raise ValueError(f"d_model and d_out must be >= 1, got {d_model} and {d_out}")
+        if init not in EXPERT_INITS:
+            raise ValueError(f"init must be one of {EXPERT_INITS}, got {init!r}")
+        if not init_scale > 0:
+            raise ValueError(f"init_scale must be > 0, got {init_scale}")
+        first, last = (0, n_experts) if expert_range is None else expert_range
+        if not 0 <= first < last <= n_experts:
+            raise ValueError(f"expert range [{first}, {last}) is not in [0, {n_experts})")
+        self.n_experts, self.first_expert = last - first, first
+        self.d_model, self.d_out = d_model, d_out
+        self.init, self.init_scale, self.float32 = init, init_scale, float32
+        self.weight = nn.Parameter(torch.empty(last - first, d_model, d_out))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        device = self.weight.device
+        if device.type == "meta":  # shapes only (e.g. counting parameters): nothing to draw
+            return
+        for local, generator in expert_generators(self.first_expert, self.n_experts, device):
+            if self.init == "uniform":
+                bound = 1 / math.sqrt(self.d_model)
+                self.weight[local].uniform_(-bound, bound, generator=generator)
+            else:
+                std = reduced_init_std(self.init_scale, self.d_model)
+                truncated_normal_(self.weight[local], std, generator)
+
+    def forward(self, rows: Tensor, rows_per_expert: Tensor) -> Tensor:
+        """rows: [N, D] expert-contiguous; rows_per_expert: [E] int64. Returns [N, D'], float32
+        under autocast when self.float32."""
+        device = rows.device.type
+        if self.float32 and torch.is_autocast_enabled(device):
+            dtype = torch.promote_types(self.weight.dtype, torch.float32)
+            with torch.autocast(device_type=device, enabled=False):
+                return grouped_matmul(rows.to(dtype), self.weight.to(dtype), rows_per_expert)
+        return grouped_matmul(rows, self.weight, rows_per_expert)
+
+    def extra_repr(self) -> str:
+        return (
+            f"n_experts={self.n_experts}, d_model={self.d_model}, d_out={self.d_out}, "
+            f"init={self.init}, float32={self.float32}"
         )

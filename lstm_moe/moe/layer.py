@@ -335,43 +335,16 @@ class MoELayer(nn.Module):
         for them would drop tokens by collision and make each row's result depend on the
         others'); expert choice, whose capacity is its choice, ignores it.
         Returns MoEOutput with output [..., D]."""
-        d_model = self.config.d_model
-        if x.shape[-1] != d_model:
-            raise ValueError(f"input width (last dim) must be d_model={d_model}, got {x.shape[-1]}")
-        tokens = x.reshape(-1, d_model)  # [T, D]
-        token_mask = None
-        if mask is not None:
-            if mask.dtype != torch.bool or mask.shape != x.shape[:-1]:
-                raise ValueError(
-                    f"mask must be bool of shape {tuple(x.shape[:-1])} (x's leading dims), "
-                    f"got {mask.dtype} {tuple(mask.shape)}"
-                )
-            token_mask = mask.reshape(-1)  # [T]
-        routing = self.router(tokens, group=self.group, mask=token_mask)
-        if routing.choice is not None:
-            output, dispatch = parallel.mix_experts(
-                tokens,
-                None,
-                None,
-                self.experts,
-                self.config.n_experts,
-                self.group,
-                mask=token_mask,
-                workspace=self.workspace,
-                choice=routing.choice,
-            )
-        else:
-            output, dispatch = self.mix_experts(
-                tokens,
-                routing.expert_index,
-                routing.gates,
-                routing.slot_priority,
-                token_mask,
-                dropless=dropless,
-            )
-        stats = _routing_stats(routing, dispatch.rows_per_expert, dispatch.routed_per_expert)
-        output = output.view(*x.shape[:-1], d_model)
-        return MoEOutput(output, routing.aux_loss, routing.losses, stats)
+        return route_and_mix(
+            x,
+            mask,
+            self.router,
+            self.experts,
+            self.config,
+            self.group,
+            self.workspace,
+            capacity_factor=None if dropless else self.config.capacity_factor_for(self.training),
+        )
 
     def mix_experts(
         self,
@@ -404,6 +377,54 @@ class MoELayer(nn.Module):
             mask,
             self.workspace,
         )
+
+
+def route_and_mix(
+    x: Tensor,
+    mask: Tensor | None,
+    router: Router,
+    experts: nn.Module,
+    config: MoEConfig,
+    group: ParallelGroup,
+    workspace: Workspace | None,
+    capacity_factor: float | None,
+) -> MoEOutput:
+    """router -> dispatcher -> experts -> combine for x [..., D] (mask [...] bool or None), the
+    one path of MoELayer and of the routed projection (projection.py), whatever the experts
+    compute: experts(rows [M, D] sorted by expert, rows_per_expert [L]) -> [M, D']. Token-major
+    routings get capacity_factor (None: dropless), expert-major ones (Routing.choice) are
+    dispatched as the router chose. Returns MoEOutput with output [..., D']."""
+    d_model = config.d_model
+    if x.shape[-1] != d_model:
+        raise ValueError(f"input width (last dim) must be d_model={d_model}, got {x.shape[-1]}")
+    tokens = x.reshape(-1, d_model)  # [T, D]
+    token_mask = None
+    if mask is not None:
+        if mask.dtype != torch.bool or mask.shape != x.shape[:-1]:
+            raise ValueError(
+                f"mask must be bool of shape {tuple(x.shape[:-1])} (x's leading dims), "
+                f"got {mask.dtype} {tuple(mask.shape)}"
+            )
+        token_mask = mask.reshape(-1)  # [T]
+    routing = router(tokens, group=group, mask=token_mask)
+    expert_index, gates = routing.expert_index, routing.gates
+    output, dispatch = parallel.mix_experts(
+        tokens,
+        expert_index,
+        gates,
+        experts,
+        config.n_experts,
+        group,
+        capacity_factor,
+        config.experts_per_token,
+        routing.slot_priority,
+        token_mask,
+        workspace,
+        choice=routing.choice,
+    )  # [T, D']
+    stats = _routing_stats(routing, dispatch.rows_per_expert, dispatch.routed_per_expert)
+    output = output.view(*x.shape[:-1], output.shape[-1])
+    return MoEOutput(output, routing.aux_loss, routing.losses, stats)
 
 
 def _config_of_router(

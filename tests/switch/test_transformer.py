@@ -254,7 +254,8 @@ def test_the_model_activation_reaches_the_experts():
 def test_sparse_presets_spend_the_dense_preset_active_ops_plus_their_gating(presets):
     """ops per token: each MoE layer spends the dense layer's 2·256·1024 on its experts (k
     experts of width 1024 / k) plus its gating matrices: 256·E (Switch, top-2) or 2·256·E
-    (the 2017 noisy gate, W_g and W_noise)."""
+    (the 2017 noisy gate, W_g and W_noise); attention experts (top-1) the dense Q/K/V
+    projection's 256·768 plus 256·E."""
     sizes = {}
     for name, config in presets.items():
         with torch.device("meta"):
@@ -267,3 +268,7 @@ def test_sparse_presets_spend_the_dense_preset_active_ops_plus_their_gating(pres
     assert sizes["switch-32"] - dense == n_moe * 256 * 32
     assert sizes["moe-top2-32"] - dense == n_moe * 256 * 32
     assert sizes["moe-top4-32"] - dense == n_moe * 2 * 256 * 32
+    if presets is TRANSFORMER_LM_PRESETS:
+        # Attention experts in the same 2 layers: top-1 of [256, 768], the dense Q/K/V's
+        # multiply-adds, and a second router's 256·32.
+        assert sizes["switch-32-attn"] - dense == 2 * n_moe * 256 * 32
