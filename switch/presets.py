@@ -14,6 +14,11 @@ token (expert width × experts per token = 1024; the routers' small gating produ
                         the Q/K/V projection routed top-1 to 32 experts of [256, 768] by a
                         router of its own, in float32 under autocast; the same active FLOPs
                         per token again, plus a gating product (a language model only)
+    NMT-ec-32           expert choice (Zhou et al. 2022) in the encoder: each of 32 experts of
+                        width 512 takes its top 2·T/32 of the batch's T source tokens (c = 2,
+                        two experts per token on average); the decoder, causal, keeps its
+                        dense layer (expert choice would see later target tokens there); a
+                        translation model only
 
 The language models are 4 layers deep (MoE in layers 1 and 3); the translation models
 (prefixed "NMT-") 3 + 3 (MoE in layer 1 of each), with label smoothing 0.1 and one embedding
@@ -96,6 +101,17 @@ TRANSFORMER_NMT_PRESETS: dict[str, TransformerNMTConfig] = {
         )
         for name, moe in _sparse_layers().items()
     },
+    "NMT-ec-32": dataclasses.replace(
+        _NMT,
+        moe=MoEConfig(
+            d_model=D_MODEL,
+            n_experts=32,
+            expert_hidden=FFN_HIDDEN // 2,
+            router="expert_choice",
+            capacity_factor=2.0,
+        ),
+        encoder_moe_layers=(1,),
+    ),
 }
 
 __all__ = ["TRANSFORMER_LM_PRESETS", "TRANSFORMER_NMT_PRESETS"]

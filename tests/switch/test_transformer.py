@@ -272,3 +272,7 @@ def test_sparse_presets_spend_the_dense_preset_active_ops_plus_their_gating(pres
         # Attention experts in the same 2 layers: top-1 of [256, 768], the dense Q/K/V's
         # multiply-adds, and a second router's 256·32.
         assert sizes["switch-32-attn"] - dense == 2 * n_moe * 256 * 32
+    else:
+        # Expert choice in the encoder only: c = 2 experts of width 512 per token on average,
+        # one W_g of 256·32.
+        assert sizes["ec-32"] - dense == 256 * 32
