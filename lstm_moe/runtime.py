@@ -20,7 +20,14 @@ def enable_cpu_hugepages() -> None:
 
 
 def resolve_device(name: str) -> torch.device:
-    """ "auto" is CUDA when available, else the CPU."""
+    """ "auto" is CUDA when available, else the CPU. A CUDA device this torch cannot use is
+    refused with a ValueError (the commands print it as their one-line error)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device {name!r}: torch {torch.__version__} sees no CUDA device "
+            "(use --device=cpu or auto)"
+        )
+    return device

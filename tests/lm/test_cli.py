@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from eval.perplexity import main as perplexity_main
+from eval.translate import main as translate_main
 from lstm_moe.train import main as train_main
 from tests.lm.test_train import train
 
@@ -109,3 +110,27 @@ def test_help_lists_types_defaults_choices_and_what_resume_may_change(capsys):
 def test_evaluation_input_errors_exit_2(tmp_path, capsys):
     assert perplexity_main([str(tmp_path / "no-such-run")]) == 2
     assert "config.json not found" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("command", ["train", "perplexity", "translate"])
+def test_a_cuda_device_this_torch_cannot_use_is_one_line_and_status_2(
+    command, tiny_dataset, tmp_path, capsys
+):
+    if torch.cuda.is_available():
+        pytest.skip("this torch sees a CUDA device")
+    argv = {
+        "train": [
+            "--data",
+            str(tiny_dataset),
+            "--run",
+            str(tmp_path / "r"),
+            "--device=cuda",
+            "--max_steps=1",
+        ],
+        "perplexity": [str(tmp_path), "--device", "cuda"],
+        "translate": [str(tmp_path), "--device", "cuda"],
+    }[command]
+    run = {"train": train_main, "perplexity": perplexity_main, "translate": translate_main}
+    assert run[command](argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: device 'cuda'") and "sees no CUDA device" in err[-1]
