@@ -429,8 +429,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def run_bench(args, run_worker, run_driver, markdown_table) -> int:
+    """A worker prints its rank's figures as JSON; the driver starts the ranks, prints and
+    writes the report. Exit status 1 when a world size failed (shared by bench_parallel_model)."""
     if args.worker:
         print(json.dumps(run_worker(args)))
         return 0
@@ -440,6 +441,10 @@ def main(argv=None) -> int:
     print(table)
     write_report(report, table, args.json, args.markdown)
     return 1 if any(row.get("failed") for row in report["rows"]) else 0
+
+
+def main(argv=None) -> int:
+    return run_bench(parse_args(argv), run_worker, run_driver, markdown_table)
 
 
 if __name__ == "__main__":

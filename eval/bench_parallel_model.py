@@ -55,7 +55,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import os
 import platform
 import sys
@@ -65,8 +64,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from eval.bench_moe import check_output_paths, write_report
-from eval.bench_parallel import AllToAllMeter, launch_ranks
+from eval.bench_moe import check_output_paths
+from eval.bench_parallel import AllToAllMeter, launch_ranks, run_bench
 from lstm_moe.engine.ranks import rank_seed, split_parameters, sum_replicated_grads
 from lstm_moe.engine.trainer import adam
 from lstm_moe.lm import LanguageModel
@@ -453,16 +452,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.worker:
-        print(json.dumps(run_worker(args)))
-        return 0
-    report = run_driver(args)
-    table = markdown_table(report)
-    print()
-    print(table)
-    write_report(report, table, args.json, args.markdown)
-    return 1 if any(row.get("failed") for row in report["rows"]) else 0
+    return run_bench(parse_args(argv), run_worker, run_driver, markdown_table)
 
 
 if __name__ == "__main__":
