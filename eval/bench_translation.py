@@ -32,6 +32,7 @@ from lstm_moe.fields import apply_overrides
 from lstm_moe.files import write_json_atomic, write_text_atomic
 from lstm_moe.pairs import read_pairs
 from lstm_moe.presets import TRANSLATION_PRESETS
+from lstm_moe.runtime import enable_cpu_hugepages
 from lstm_moe.tasks.translation import TranslationTask, TranslationTaskConfig
 
 
@@ -92,6 +93,7 @@ def decode_rate(model, data: Path, sentences: int, beam: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    enable_cpu_hugepages()  # huge pages for large CPU tensors (runtime.py)
     parser = argparse.ArgumentParser(
         prog="python -m eval.bench_translation", description=__doc__.split("\n\n")[0]
     )

@@ -24,7 +24,7 @@ from pathlib import Path
 from lstm_moe.data import LaneBatches
 from lstm_moe.files import EOS_ID, PATH_ERRORS, read_json, read_split, write_json_atomic
 from lstm_moe.pairs import read_pairs
-from lstm_moe.runtime import resolve_device
+from lstm_moe.runtime import enable_cpu_hugepages, resolve_device
 from lstm_moe.tasks import lm, translation
 from lstm_moe.tasks.common import run_architecture
 
@@ -45,6 +45,7 @@ def _default_bptt(run_config: dict) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    enable_cpu_hugepages()  # huge pages for large CPU tensors (runtime.py)
     parser = argparse.ArgumentParser(
         prog="python -m eval.perplexity",
         description="Test perplexity (per word, </S> included, exact softmax) of a run folder.",

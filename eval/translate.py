@@ -36,7 +36,7 @@ from eval.bleu import print_scores, score_files
 from lstm_moe.engine.ranks import join_ranks
 from lstm_moe.files import BOS_ID, EOS_ID, PATH_ERRORS, write_json_atomic, write_text_atomic
 from lstm_moe.pairs import read_pairs, read_parallel_meta
-from lstm_moe.runtime import resolve_device
+from lstm_moe.runtime import enable_cpu_hugepages, resolve_device
 from lstm_moe.tasks.translation import load_trained_model
 
 
@@ -78,6 +78,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    enable_cpu_hugepages()  # huge pages for large CPU tensors (runtime.py)
     args = parse_args(argv)
     try:
         device = resolve_device(args.device)

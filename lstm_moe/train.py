@@ -50,7 +50,7 @@ from lstm_moe.fields import (
     split_overrides,
 )
 from lstm_moe.files import read_json
-from lstm_moe.runtime import resolve_device
+from lstm_moe.runtime import enable_cpu_hugepages, resolve_device
 from lstm_moe.tasks import TASKS
 from lstm_moe.tasks.common import architecture_of, run_architecture
 
@@ -270,6 +270,7 @@ def help_epilog() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    enable_cpu_hugepages()  # huge pages for large CPU tensors (runtime.py)
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--"]:  # `torchrun -m lstm_moe.train -- ARGS` (some Pythons keep the --)
         argv = argv[1:]
