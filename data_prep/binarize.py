@@ -5,6 +5,8 @@ A dataset folder holds:
   train.bin, valid.bin, test.bin
                        token ids, native-endian unsigned ints (uint16 when the vocabulary fits,
                        else uint32), each sentence as its word ids followed by `</S>`
+  <split>.<key>        optional, for evaluation splits: one line per sentence (such as its
+                       topic), listed in meta["splits"][split]["extra"] by key
   meta.json            written last: vocabulary size, dtype, per-split counts and sha256, and
                        the exact recipe that produced the folder
 
@@ -126,6 +128,8 @@ def is_prepared(folder: Path, rid: str) -> bool:
         for entry in meta["splits"].values():
             path = folder / entry["file"]
             if not path.is_file() or path.stat().st_size != entry["tokens"] * itemsize:
+                return False
+            if not all((folder / name).is_file() for name in entry.get("extra", {}).values()):
                 return False
     except (OSError, ValueError, KeyError, TypeError):  # missing, unreadable or malformed
         return False

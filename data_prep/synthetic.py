@@ -47,6 +47,11 @@ the oracle in expectation; on a split of N tokens the oracle differs from the ex
 sampling noise of order 1/sqrt(N), which is why the test perplexity is best compared with the
 test oracle.
 
+The valid and test splits come with `valid.topic` and `test.topic`, the topic of each of their
+sentences, one line per sentence in stream order (listed in meta["splits"][split]["extra"], as
+the parallel corpus lists its own): evaluation can then measure what the experts learned about
+the topic (eval.experts: the mutual information of topic and expert choice).
+
 Command: `python -m data_prep.synthetic --out data [--preset tiny] [--n-topics 128 ...]`.
 """
 
@@ -70,10 +75,13 @@ from data_prep.binarize import (
     write_meta,
 )
 from data_prep.vocab import EOS, SPECIALS, Vocabulary
-from lstm_moe.files import PATH_ERRORS
+from lstm_moe.files import PATH_ERRORS, write_text_atomic
 
-GENERATOR = "markov-topics/1"  # bump when the sampling changes, so old folders are not reused
+# Bump when the sampling or the folder's files change, so old folders are not reused: /2 adds
+# the valid and test topics (the token streams are those of /1, byte for byte).
+GENERATOR = "markov-topics/2"
 _EOS_ID = SPECIALS.index(EOS)
+TOPIC_SPLITS = ("valid", "test")  # the splits whose sentence topics are stored
 _MAX_DOCS_PER_CHUNK = 4096  # documents sampled in parallel (about 10^6 tokens by default)
 
 
@@ -351,6 +359,14 @@ def _write_stream(path: Path, ids: np.ndarray, dtype: np.dtype) -> dict:
     return writer.close()
 
 
+def _write_topics(folder: Path, split: str, sample: Sample) -> str:
+    """Write `<split>.topic`: each sentence's topic, one line per sentence in stream order (the
+    sentences end at the stream's `</S>`s, so line s belongs to the s-th of them)."""
+    name = f"{split}.topic"
+    write_text_atomic(folder / name, "".join(f"{t}\n" for t in sample.sentence_topic.tolist()))
+    return name
+
+
 def prepare_synthetic(config: SyntheticConfig, out_dir: Path) -> Path:
     """Generate the corpus into `out_dir/synthetic-<recipe_id>/` (nothing to do if it exists)."""
     rec = recipe(config)
@@ -385,6 +401,8 @@ def prepare_synthetic(config: SyntheticConfig, out_dir: Path) -> Path:
     splits = {}
     for split, sample in samples.items():
         splits[split] = _write_stream(folder / f"{split}.bin", new_id[sample.ids], dtype)
+        if split in TOPIC_SPLITS:
+            splits[split]["extra"] = {"topic": _write_topics(folder, split, sample)}
     vocab_sha = vocab.save(folder / "vocab.txt")
 
     floor = entropy_floor(topics)

@@ -6,7 +6,9 @@ evaluation commands read through it, so none of them imports another stage for i
 
 A dataset folder holds `vocab.txt`, `train.bin`, `valid.bin`, `test.bin` (token ids,
 native-endian unsigned ints, each sentence as its ids followed by `</S>`) and `meta.json`,
-written last (data_prep.binarize).
+written last (data_prep.binarize). An evaluation split may have extra files beside it, one line
+per sentence (per pair for translation), listed in meta["splits"][split]["extra"] by key: the
+generated corpora store each sentence's topic as `<split>.topic` (read_split_extra).
 """
 
 from __future__ import annotations
@@ -90,6 +92,24 @@ def read_split(folder: Path, split: str, meta: dict | None = None) -> np.ndarray
     return ids
 
 
+def read_split_extra(folder: Path, split: str, key: str, meta: dict) -> list[str] | None:
+    """The lines of a split's extra file `key` (meta["splits"][split]["extra"][key]), one per
+    sentence of the split (or per pair, for a parallel dataset), or None if it has none."""
+    entry = meta["splits"].get(split, {})
+    name = entry.get("extra", {}).get(key)
+    if name is None:
+        return None
+    path = Path(folder) / name
+    lines = path.read_text(encoding="utf-8").splitlines()
+    expected = entry.get("sentences", entry.get("pairs"))
+    if expected is not None and len(lines) != expected:
+        raise ValueError(
+            f"{path} holds {len(lines)} lines but the {split} split has {expected} sentences: "
+            "the file is truncated or was changed after preparation"
+        )
+    return lines
+
+
 __all__ = [
     "BOS_ID",
     "EOS_ID",
@@ -100,6 +120,7 @@ __all__ = [
     "read_json",
     "read_meta",
     "read_split",
+    "read_split_extra",
     "write_json_atomic",
     "write_text_atomic",
 ]

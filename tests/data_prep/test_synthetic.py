@@ -17,6 +17,7 @@ from data_prep.synthetic import (
     sentence_entropy,
 )
 from data_prep.vocab import Vocabulary
+from lstm_moe.files import read_split_extra
 
 TINY = PRESETS["tiny"]
 
@@ -223,3 +224,47 @@ def test_config_validation():
         SyntheticConfig(n_words=10, topic_words=11)
     with pytest.raises(ValueError, match="mean_sentence_length"):
         SyntheticConfig(mean_sentence_length=0.5)
+
+
+# ---------------------------------------------------------------------------------- topics
+
+# The tiny preset's token streams as generator markov-topics/1 wrote them, before the topics
+# were stored: storing them must leave every byte of the streams as it was.
+TINY_STREAM_SHA256 = {
+    "train": "abe21fb52a2b49628cfc6cd58fc325fd89d8db21479af5624fbba9db5bb4c938",
+    "valid": "a5ec4c9b64c8dc5d974db62f5b197869b44040280f125be5d68a604db4e4bcb8",
+    "test": "8f2774119490a384d350a4717e1658d95e4380af6a5afe890fbf640145be33ed",
+}
+
+
+def test_valid_and_test_topics_are_stored_beside_unchanged_streams(tmp_path):
+    folder = prepare_synthetic(TINY, tmp_path)
+    meta = read_meta(folder)
+    assert {s: e["sha256"] for s, e in meta["splits"].items()} == TINY_STREAM_SHA256
+    assert "extra" not in meta["splits"]["train"]
+    # The topics' slices, as prepare_synthetic draws them (its first seed).
+    seeds = np.random.SeedSequence(TINY.seed).spawn(1 + len(SPLITS))
+    topics = build_topics(TINY, np.random.default_rng(seeds[0]))
+    vocab = Vocabulary.load(folder / "vocab.txt")
+    for split in ("valid", "test"):
+        entry = meta["splits"][split]
+        assert entry["extra"] == {"topic": f"{split}.topic"}
+        stored = read_split_extra(folder, split, "topic", meta)
+        assert len(stored) == entry["sentences"]
+        ids = read_split(folder, split, meta)
+        ends = np.flatnonzero(ids == 1)
+        for topic, start, end in zip(map(int, stored), [-1, *ends[:-1]], ends, strict=True):
+            assert 0 <= topic < TINY.n_topics
+            # vocabulary word `w0042` is raw token 3 + 42: every word is in its topic's slice
+            raw = {3 + int(w[1:]) for w in vocab.decode(ids[start + 1 : end].tolist())}
+            assert raw <= set(topics.state_token[topic].tolist())
+    assert len(set(read_split_extra(folder, "test", "topic", meta))) > 1
+
+
+def test_a_folder_without_its_topic_file_is_prepared_again(tmp_path):
+    folder = prepare_synthetic(TINY, tmp_path)
+    (folder / "test.topic").unlink()
+    assert prepare_synthetic(TINY, tmp_path) == folder
+    meta = read_meta(folder)
+    sentences = meta["splits"]["test"]["sentences"]
+    assert len(read_split_extra(folder, "test", "topic", meta)) == sentences
