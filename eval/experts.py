@@ -72,10 +72,16 @@ NO_TOPICS = "the dataset stores no topics (only the generated corpora do): no mu
 
 
 def mutual_information_bits(joint_counts: Tensor) -> float:
-    """I(topic; expert) in bits of the joint distribution joint_counts / Σ joint_counts.
+    """I(topic; expert) in bits of the joint distribution p = joint_counts / Σ joint_counts:
 
-    joint_counts: [topics, E] float, >= 0 (weighted counts of routed pairs: the module
-    docstring). 0 log 0 = 0; an all-zero matrix has 0 bits."""
+        I = Σ_{t,e} p(t, e) log2( p(t, e) / (p(t) p(e)) ),  p(t) = Σ_e p(t, e), p(e) = Σ_t p(t, e)
+
+    joint_counts: [topics, E] float, >= 0. Here C[t, e] sums, over the routed (token, expert)
+    pairs of a layer whose token has topic t and whose expert is e, the weight 1 / (the number
+    of pairs of that token), so each routed token weighs 1 (top-k and top-1 comparable).
+    0 log 0 = 0; an all-zero matrix has 0 bits. The result lies in [0, min(log2 #topics,
+    log2 E)] (max_mutual_information_bits): 0 when expert choice is independent of the
+    topic, log2 E when E topics each go to their own expert."""
     joint = torch.as_tensor(joint_counts, dtype=torch.float64)
     if joint.dim() != 2:
         raise ValueError(f"joint_counts must be [topics, E], got shape {tuple(joint.shape)}")
@@ -327,6 +333,8 @@ def plot_heatmap(layer: dict, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=size, dpi=120)
     image = ax.imshow(share, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0)
     ax.set_xlabel("expert")
+    if E <= 32:
+        ax.set_xticks(range(E), [str(e) for e in range(E)], fontsize=7)
     ax.set_ylabel("topic (by its top expert)")
     if n_topics <= 32:
         ax.set_yticks(range(n_topics), [str(topics["topic_ids"][i]) for i in order], fontsize=7)
