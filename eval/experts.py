@@ -65,7 +65,10 @@ MAX_TOKENS = 20_000
 TOP = 10
 LM_LANES = 16  # eval.perplexity's default lanes
 PAIR_BATCH = 64  # and its sentence pairs per batch
-NO_TOPICS = "the dataset stores no topics (only the generated corpora do): no mutual information"
+NO_TOPICS = (
+    "the dataset stores no topics (only the generated corpora do, since data_prep.synthetic's "
+    "markov-topics/2): no mutual information"
+)
 
 
 # ----------------------------------------------------------------------------- the measures
@@ -283,6 +286,8 @@ def analyse_run(
             bptt = run_config["task_config"]["bptt"]  # a Transformer's context
         layers = lm_routing(model, ids, device, LM_LANES, bptt)
         n_tokens = len(ids)
+    if not layers:
+        raise ValueError(f"{run} has no MoE layer (a dense model): there are no experts to analyse")
     words = read_words(data_dir, meta)
     result = {
         "run": str(run),

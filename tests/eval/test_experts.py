@@ -342,6 +342,17 @@ def test_bad_input_is_one_line_and_status_2(lm_run, tmp_path, capsys, args, mess
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err
 
 
+def test_a_dense_run_has_no_experts_to_analyse(tiny_dataset, tmp_path, capsys):
+    run = tmp_path / "dense"
+    argv = ["--data", str(tiny_dataset), "--run", str(run), "--preset", "4xLSTM-512",
+            "--d_model=16", "--lstm_hidden=16", "--softmax=full", "--batch_size=8",
+            "--bptt=10", "--eval_tokens=100", "--max_steps=1", "--quiet"]  # fmt: skip
+    assert train_main(argv) == 0
+    capsys.readouterr()
+    assert experts.main([str(run)]) == 2
+    assert "has no MoE layer" in capsys.readouterr().err
+
+
 def test_markdown_shows_special_tokens_literally():
     expert = {"expert": 0, "load": 3, "top_tokens": [["</S>", 2], ["a|b", 1]]}
     layer = {"layer": 0, "name": "blocks.1.moe", "side": "lm", "n_experts": 1, "topics": None}
