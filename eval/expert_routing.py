@@ -124,6 +124,8 @@ def _neighbours(starts: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     boundary), sentences beginning at `starts` (sorted, starts[0] = 0)."""
     index = np.arange(n)
     left, right = index - 1, index + 1
+    if n == 0:
+        return left, right
     first = np.zeros(n, dtype=bool)
     first[starts[starts < n]] = True
     left[first] = -1
