@@ -16,7 +16,7 @@ TRAIN = $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone \
 TRANSLATE = $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone \
 	--nproc_per_node=$(NPROC) -m eval.translate --,$(PY) -m eval.translate)
 
-.PHONY: setup test lint format bench bench-parallel bench-translation bench-transformer demo demo-lm demo-translation lm1b wmt14 \
+.PHONY: setup test lint format bench bench-parallel bench-translation bench-transformer demo demo-lm demo-translation compare lm1b wmt14 \
 	wmt14-data synthetic-parallel-data gpu-check clean-venv
 
 setup: $(STAMP)
@@ -134,6 +134,30 @@ demo-translation: $(STAMP)
 	for run in $(DEMO_RUNS_translation); do \
 		$(PY) -m eval.perplexity $$run && $(TRANSLATE) $$run || exit 1; \
 	done
+
+# --- compare: dense, Switch top-1 (capacity factor 1.0 and 1.25), top-2, the 2017 noisy top-4
+# and expert choice, at equal active FLOPs and training tokens, on LM and translation, LSTM and
+# Transformer, with the experts axis E = 4, 32, 256 -> $(COMPARE_OUT)/report.md (eval/compare.py).
+# TASK=lm|translation, ARCH=lstm|transformer, ROUTERS=dense,top1-cf1.25,top4, EXPERTS=4,32,256,
+# SEEDS=1,2,3, BUDGET=time (equal training seconds instead of tokens), DATA=<prepared folder>
+# (lm1b, WikiText-2, Multi30k, WMT'14: its task is read from its meta.json; or
+# DATA=lm=DIR,translation=DIR), NPROC=2; COMPARE_ARGS passes more (python -m eval.compare
+# --help). A second `make compare` reuses the finished runs and resumes a killed one.
+COMPARE_OUT ?= runs/compare
+ROUTERS ?=
+EXPERTS ?=
+SEEDS ?=
+BUDGET ?= tokens
+DATA ?=
+COMPARE_ARGS ?=
+# ARCH's default above is the demo's; the comparison takes both backbones unless ARCH is given.
+COMPARE_ARCHS = $(if $(filter file default,$(origin ARCH)),lstm$(,)transformer,$(ARCH))
+, := ,
+compare: $(STAMP)
+	$(PY) -m eval.compare --out $(COMPARE_OUT) --budget $(BUDGET) --nproc $(NPROC) \
+		--archs $(COMPARE_ARCHS) $(if $(filter-out all,$(TASK)),--tasks $(TASK)) \
+		$(if $(ROUTERS),--routers $(ROUTERS)) $(if $(EXPERTS),--experts $(EXPERTS)) \
+		$(if $(SEEDS),--seeds $(SEEDS)) $(if $(DATA),--data $(DATA)) $(COMPARE_ARGS)
 
 # --- lm1b: prepare (download or LM1B_DIR) -> train PRESET -> test perplexity -----------------
 # A second `make lm1b` with the same PRESET resumes the run where it stopped.

@@ -61,8 +61,21 @@ def main(argv: list[str] | None = None) -> int:
         help="time steps per window (LM): 50 for an LSTM, whose state carries from window to "
         "window; a Transformer's training window (its context) by default",
     )
+    parser.add_argument(
+        "--max_tokens",
+        type=int,
+        help="LM: score only the first windows holding at least this many tokens (the "
+        "whole split by default); the count scored is in the output, so runs scored on "
+        "different amounts are never compared",
+    )
+    parser.add_argument(
+        "--max_pairs", type=int, help="translation: score only the first N pairs of the split"
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     args = parser.parse_args(argv)
+    for name in ("max_tokens", "max_pairs"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     try:
         device = resolve_device(args.device)
     except ValueError as error:
@@ -92,9 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     progress = sys.stderr.isatty()
     if task == translation.TranslationTask.name:
         batch_size = 64 if args.batch_size == parser.get_default("batch_size") else args.batch_size
-        result = translation.evaluate_pairs(model, pairs, device, batch_size, progress=progress)
+        result = translation.evaluate_pairs(
+            model, pairs, device, batch_size, max_pairs=args.max_pairs, progress=progress
+        )
     else:
-        result = lm.evaluate(model, batches, device, progress=progress)
+        max_windows = None
+        if args.max_tokens is not None:
+            max_windows = -(-args.max_tokens // (batches.batch_size * batches.bptt))  # ceil
+        result = lm.evaluate(model, batches, device, max_windows, progress=progress)
     result.update(
         {
             "split": args.split,

@@ -73,16 +73,27 @@ def read_run(run: Path) -> dict:
         "wall_seconds": last.get("elapsed"),
         "tokens_per_s": last["tokens"] / last["elapsed"] if last.get("elapsed") else None,
         "valid_curve": [(m["tokens"], m["valid_ppl"]) for m in valid],
+        # The same points against seconds of training steps (validation not counted).
+        "valid_curve_seconds": [(m["elapsed"], m["valid_ppl"]) for m in valid if "elapsed" in m],
         "test_perplexity": evaluation["perplexity"],
         "test_tokens": evaluation["tokens"],
         "moe_layers": [
             {k: v for k, v in layer.items() if k != "tokens_per_expert"}
             for layer in evaluation["moe_layers"]
         ],
+        "tokens_per_expert": [layer["tokens_per_expert"] for layer in evaluation["moe_layers"]],
         "entropy_floor": evaluation.get("entropy_floor"),
         "sacrebleu": bleu["sacrebleu"]["score"] if bleu else None,
         "sacrebleu_signature": bleu["sacrebleu"]["signature"] if bleu else None,
         "tokenized_bleu": bleu["tokenized"]["score"] if bleu else None,
+        # What the runs trained on and for how long: compared only if these agree too.
+        "trained_for": {
+            "recipe_id": config["data"].get("recipe_id"),
+            **{
+                name: config.get("train", {}).get(name)
+                for name in ("max_tokens", "max_steps", "max_seconds")
+            },
+        },
         # What the test scores were measured on: runs are compared only if these agree.
         "evaluated_on": {
             "task": task,
@@ -96,14 +107,19 @@ def read_run(run: Path) -> dict:
 
 
 def check_comparable(rows: list[dict]) -> None:
-    """Perplexities are comparable only on the same dataset, vocabulary, split and tokens."""
+    """Runs are put side by side only when they trained on the same data for the same budget
+    (tokens, steps or seconds) and were scored on the same dataset, vocabulary, split, number
+    of tokens (and BLEU sentences); else a ValueError names the first difference."""
     first = rows[0]
     for row in rows[1:]:
-        if row["evaluated_on"] != first["evaluated_on"]:
-            raise ValueError(
-                f"{row['run']} was evaluated on {row['evaluated_on']}, but {first['run']} on "
-                f"{first['evaluated_on']}: their perplexities are not comparable"
-            )
+        for key, what in (("trained_for", "trained"), ("evaluated_on", "evaluated")):
+            if row[key] != first[key]:
+                differ = sorted(k for k in row[key] if row[key].get(k) != first[key].get(k))
+                details = ", ".join(f"{k} {row[key].get(k)} vs {first[key].get(k)}" for k in differ)
+                raise ValueError(
+                    f"{row['run']} and {first['run']} were not {what} alike ({details}): "
+                    "their results are not comparable"
+                )
 
 
 def _describe_layers(model: dict) -> str:

@@ -95,3 +95,21 @@ def test_runs_on_different_data_exit_2(runs, tmp_path, capsys):
     (runs[1] / "config.json").write_text(json.dumps(config))
     code, err = _report(capsys, runs, tmp_path / "report")
     assert code == 2 and "not comparable" in err and err.count("\n") == 1
+
+
+def test_runs_trained_for_other_budgets_exit_2(runs, tmp_path, capsys):
+    for run, tokens in zip(runs, (1000, 2000), strict=True):
+        config = json.loads((run / "config.json").read_text())
+        config["train"] = {"max_tokens": tokens, "max_steps": None, "max_seconds": None}
+        (run / "config.json").write_text(json.dumps(config))
+    code, err = _report(capsys, runs, tmp_path / "report")
+    assert code == 2 and err.count("\n") == 1
+    assert "were not trained alike (max_tokens 2000 vs 1000)" in err and "not comparable" in err
+
+
+def test_runs_scored_on_other_amounts_of_test_exit_2(runs, tmp_path, capsys):
+    evaluation = json.loads((runs[1] / "eval" / "perplexity.json").read_text())
+    evaluation["tokens"] = 500  # eval.perplexity --max_tokens
+    (runs[1] / "eval" / "perplexity.json").write_text(json.dumps(evaluation))
+    code, err = _report(capsys, runs, tmp_path / "report")
+    assert code == 2 and "not evaluated alike (tokens 500 vs 1000)" in err
