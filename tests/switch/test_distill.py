@@ -1,23 +1,30 @@
 """Distillation (switch/distill.py; Switch §4.2, Table 6): the mixed loss on a hand-worked
 case, against plain NLL and an analytic gradient; the initialisation from the teacher's
-non-expert weights; the kept share on Table 6's numbers, and its refusals."""
+non-expert weights; the kept share on Table 6's numbers; the refusals; and end to end from
+the command line: a sparse teacher, a dense student distilled from it and resumed, evaluated,
+and the share it keeps."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import lstm_moe.softmax
+from eval.perplexity import main as perplexity_main
 from lstm_moe.lm import LanguageModel
 from lstm_moe.moe import MoEConfig
 from lstm_moe.presets import PRESETS
 from lstm_moe.softmax import Softmax
+from lstm_moe.tasks.lm import LanguageModelTask, LMTaskConfig, load_trained_model
+from lstm_moe.train import main as train_main
 from switch.config import TransformerLMConfig
 from switch.distill import (
     copy_non_expert_weights,
@@ -29,6 +36,9 @@ from switch.distill import (
 )
 from switch.distill import main as distill_main
 from switch.transformer import TransformerLM
+from tests.lm.conftest import make_dataset
+from tests.ranks import free_port, run_commands
+from tests.runs import assert_same_metrics, read_metrics
 
 # ----------------------------------------------------------------------------- the loss
 
@@ -222,3 +232,156 @@ def test_the_kept_share_of_three_run_folders_and_its_command(tmp_path, capsys):
     with pytest.raises(ValueError, match="another dataset"):
         kept_share_of_runs(student, elsewhere, teacher)
     assert distill_main(["share", "--student", str(tmp_path), *argv[3:]]) == 2
+
+
+# ----------------------------------------------------------------------------- from the CLI
+
+LSTM = ["--d_model=16", "--lstm_hidden=16", "--n_experts=4", "--k=2", "--expert_hidden=16",
+        "--ffn_hidden=32", "--softmax=full", "--dropout=0.0", "--batch_size=8", "--bptt=10",
+        "--warmup_steps=5", "--lr=0.01", "--eval_every=5", "--checkpoint_every=5",
+        "--log_every=5", "--eval_tokens=200", "--quiet"]  # fmt: skip
+
+
+def train(data: Path, run: Path, preset: str, *extra: str) -> int:
+    return train_main(["--data", str(data), "--run", str(run), "--preset", preset, *LSTM, *extra])
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tiny_dataset, tmp_path_factory) -> Path:
+    """A tiny sparse LSTM language model (MoE-32 at width 16), trained for 30 steps."""
+    run = tmp_path_factory.mktemp("teacher") / "teacher"
+    assert train(tiny_dataset, run, "MoE-32", "--max_steps=30") == 0
+    return run
+
+
+def test_the_task_trains_on_the_mixture_and_reports_the_ground_truth_nll(tiny_dataset, teacher_run):
+    config = dataclasses.replace(PRESETS["MoE-1-Wide"], softmax="full", dropout=0.0)
+    config = dataclasses.replace(
+        config, **LanguageModelTask.dataset_overrides(tiny_dataset), d_model=16,
+        lstm_hidden=16, ffn_hidden=(32,), moe=dataclasses.replace(config.moe, d_model=16),
+    )  # fmt: skip
+    task = LanguageModelTask(
+        config, LMTaskConfig(batch_size=8, bptt=10, teacher_run=str(teacher_run)), tiny_dataset
+    )
+    torch.manual_seed(0)
+    student = task.build_model()
+    teacher = load_trained_model(teacher_run, torch.device("cpu"))[0]
+    for name in task.teacher.copy.copied:
+        torch.testing.assert_close(student.state_dict()[name], teacher.state_dict()[name])
+    batch = task.train_batch(0, 0, 1)
+    out = task.forward(student.train(), batch, 0, 0, torch.device("cpu"))
+    assert not task.teacher.model.training
+    assert not any(p.requires_grad for p in task.teacher.model.parameters())
+    # By hand: the student's and the teacher's full softmax on the same window.
+    hidden = student(batch.inputs).hidden
+    taught = teacher(batch.inputs).hidden
+    log_probs = torch.log_softmax(student.softmax.logits(hidden.reshape(-1, 16)), -1)
+    teacher_probs = torch.softmax(teacher.softmax.logits(taught.reshape(-1, 16)), -1)
+    targets = batch.targets.reshape(-1)
+    want = distillation_loss(log_probs, targets, teacher_probs, 0.25).sum().detach()
+    torch.testing.assert_close(out.loss_sum, want)
+    torch.testing.assert_close(out.reported_sum, student.nll(hidden, batch.targets).sum())
+    assert float(out.stats["distill_loss"]) == pytest.approx(float(want) / targets.numel())
+    assert task.state_dict()["teacher_lstm_state"] is not None  # carried like the student's
+
+
+def test_distillation_refuses_a_sampled_softmax_and_another_dataset(
+    tiny_dataset, teacher_run, tmp_path, capsys
+):
+    distil = f"--teacher_run={teacher_run}"
+    assert train(tiny_dataset, tmp_path / "a", "MoE-1-Wide", "--softmax=sampled",
+                 "--n_samples=8", distil, "--max_steps=1") == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "full softmax" in err and len(err.strip().splitlines()) == 1
+    other = make_dataset(tmp_path / "other", seed=1)
+    assert train(other, tmp_path / "b", "MoE-1-Wide", distil, "--max_steps=1") == 2
+    err = capsys.readouterr().err
+    assert "teacher run" in err and len(err.strip().splitlines()) == 1
+
+
+def test_distil_resume_evaluate_and_the_kept_share(tiny_dataset, teacher_run, tmp_path, capsys):
+    teacher_run = Path(shutil.copytree(teacher_run, tmp_path / "teacher"))  # trained on below
+    distil = f"--teacher_run={teacher_run}"
+    dense, whole, split = tmp_path / "dense", tmp_path / "whole", tmp_path / "split"
+    assert train(tiny_dataset, dense, "MoE-1-Wide", "--max_steps=20") == 0
+    assert train(tiny_dataset, whole, "MoE-1-Wide", distil, "--max_steps=20") == 0
+    assert train(tiny_dataset, split, "MoE-1-Wide", distil, "--max_steps=10") == 0
+    # The resume takes the teacher from the run's config, and continues exactly: the teacher's
+    # LSTM state and the student's are in the checkpoint.
+    assert train_main(["--run", str(split), "--resume", "--max_steps=20", "--quiet"]) == 0
+    assert_same_metrics(split, whole, range(1, 21), train_keys=None)
+    entry = read_metrics(whole)[-1]
+    assert {"loss", "ppl", "distill_loss", "teacher_ce"} <= set(entry)
+    assert entry["ppl"] == pytest.approx(math.exp(entry["loss"]))  # the ground-truth NLL's
+    config = json.loads((whole / "config.json").read_text())
+    assert config["task_config"]["teacher_run"] == str(teacher_run.resolve())
+    assert "softmax.weight" in config["teacher"]["copied"]
+    # The teacher's run cannot change under a distillation: here, trained on.
+    assert train_main(["--run", str(teacher_run), "--resume", "--max_steps=35", "--quiet"]) == 0
+    assert train_main(["--run", str(split), "--resume", "--max_steps=25", "--quiet"]) == 2
+    assert "distilled from its step 30" in capsys.readouterr().err
+    for run in (dense, whole, teacher_run):
+        assert perplexity_main([str(run)]) == 0
+    result = kept_share_of_runs(whole, dense, teacher_run)
+    assert math.isfinite(result["kept_share"]) and result["split"] == "test"
+
+
+FAMILIES = {  # a sparse teacher and its dense counterpart, small
+    "transformer-lm": (("switch-8", "transformer-dense"),
+                       ["--d_model=16", "--n_heads=2", "--ffn_hidden=16", "--softmax=full",
+                        "--batch_size=8", "--bptt=10", "--eval_tokens=200"]),
+    "lstm-nmt": (("NMT-MoE-32", "NMT-dense"),
+                 ["--d_model=16", "--lstm_hidden=16", "--attention_hidden=16", "--batch_size=8",
+                  "--eval_pairs=20", "--label_smoothing=0.1", "--ffn_hidden=16"]),
+    "transformer-nmt": (("NMT-switch-8", "NMT-transformer-dense"),
+                        ["--d_model=16", "--n_heads=2", "--ffn_hidden=16", "--batch_size=8",
+                         "--eval_pairs=20"]),
+}  # fmt: skip
+FAMILY_COMMON = ["--n_experts=4", "--expert_hidden=16", "--dropout=0.0", "--lr=0.01",
+                 "--warmup_steps=2", "--log_every=1", "--eval_every=2", "--checkpoint_every=2",
+                 "--quiet"]  # fmt: skip
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_family_distils_and_resumes(family, tiny_dataset, parallel_dataset, tmp_path):
+    (sparse, dense), options = FAMILIES[family]
+    data = parallel_dataset if family.endswith("nmt") else tiny_dataset
+    teacher, student = tmp_path / "teacher", tmp_path / "student"
+
+    def run(folder, preset, *extra):
+        argv = ["--data", str(data), "--run", str(folder), "--preset", preset, *options]
+        return train_main([*argv, *FAMILY_COMMON, *extra])
+
+    assert run(teacher, sparse, "--max_steps=2") == 0
+    assert run(student, dense, f"--teacher_run={teacher}", "--max_steps=2") == 0
+    assert train_main(["--run", str(student), "--resume", "--max_steps=3", "--quiet"]) == 0
+    entries = read_metrics(student)
+    assert [e["step"] for e in entries] == [1, 2, 3]
+    assert all(e["distill_loss"] > 0 and e["teacher_ce"] > 0 for e in entries)
+    copied = json.loads((student / "config.json").read_text())["teacher"]["copied"]
+    assert copied and not any(".moe." in name for name in copied)
+    assert perplexity_main([str(student)]) == 0
+
+
+def distil_worker(rank: int, world: int, port: int, jobs: list[list[str]]) -> None:
+    run_commands(rank, world, port, [("lstm_moe.train", argv) for argv in jobs])
+
+
+@pytest.mark.distributed
+def test_two_ranks_distil_like_one_process(tiny_dataset, teacher_run, tmp_path):
+    """Each rank runs the whole teacher on its lanes, its LSTM state carried per lane: 2 ranks
+    equal one process, from the start and resumed from a one-process checkpoint (the
+    teacher's state gathered, then cut again)."""
+    distil = f"--teacher_run={teacher_run}"
+    one, two, one_then_two = tmp_path / "one", tmp_path / "two", tmp_path / "one_then_two"
+    assert train(tiny_dataset, one, "MoE-1-Wide", distil, "--max_steps=10") == 0
+    assert train(tiny_dataset, one_then_two, "MoE-1-Wide", distil, "--max_steps=5") == 0
+    jobs = [
+        ["--data", str(tiny_dataset), "--run", str(two), "--preset", "MoE-1-Wide", *LSTM,
+         distil, "--max_steps=10"],
+        ["--run", str(one_then_two), "--resume", "--max_steps=10", "--quiet"],
+    ]  # fmt: skip
+    mp.spawn(distil_worker, args=(2, free_port(), jobs), nprocs=2, join=True)
+    keys = ("loss", "distill_loss", "teacher_ce", "grad_norm")
+    assert_same_metrics(two, one, range(1, 11), keys)
+    assert_same_metrics(one_then_two, one, range(1, 11), keys)
