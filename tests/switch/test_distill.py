@@ -21,7 +21,8 @@ import lstm_moe.softmax
 from eval.perplexity import main as perplexity_main
 from lstm_moe.lm import LanguageModel
 from lstm_moe.moe import MoEConfig
-from lstm_moe.presets import PRESETS
+from lstm_moe.nmt import TranslationModel
+from lstm_moe.presets import PRESETS, TRANSLATION_PRESETS
 from lstm_moe.softmax import Softmax
 from lstm_moe.tasks.lm import LanguageModelTask, LMTaskConfig, load_trained_model
 from lstm_moe.train import main as train_main
@@ -175,6 +176,20 @@ def test_the_lstm_copy_matches_what_the_module_docstring_says():
     wide = copy_non_expert_weights(teacher, small("MoE-1-Wide"))
     assert {name.rsplit(".", 1)[0] for name in wide.copied} == modules
     assert wide.skipped["blocks.1.net.0.weight"] == "not in the teacher"
+    # Translation: NMT-dense has an FFN where NMT-MoE-32 has each MoE layer; all else is shared.
+    nmt = {}
+    for name in ("NMT-MoE-32", "NMT-dense"):
+        config = TRANSLATION_PRESETS[name]
+        nmt[name] = TranslationModel(dataclasses.replace(
+            config, vocab_size=VOCAB, d_model=8, lstm_hidden=8, attention_hidden=8,
+            ffn_hidden=(8,), moe=dataclasses.replace(config.moe, n_experts=4, expert_hidden=8),
+        ))  # fmt: skip
+    report = copy_non_expert_weights(nmt["NMT-MoE-32"], nmt["NMT-dense"])
+    kept = {n.rsplit(".", 1)[0] for n, why in report.skipped.items() if why == "not in the teacher"}
+    assert kept == {"encoder.2.net.0", "encoder.2.net.2", "decoder.1.net.0", "decoder.1.net.2"}
+    assert all(".moe." in n for n, why in report.skipped.items() if "teacher" in why and
+               why != "not in the teacher")  # fmt: skip
+    assert {"src_embedding.weight", "tgt_embedding.weight", "attention.v"} <= set(report.copied)
 
 
 def test_the_copy_refuses_another_vocabulary_and_a_student_that_shares_nothing():
