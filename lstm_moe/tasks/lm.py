@@ -357,7 +357,7 @@ class LanguageModelTask:
             f"{model.ops_per_timestep() / 1e6:.2f}M ops/timestep, "
             f"{model.params_excluding_embedding_softmax() / 1e6:.2f}M params excl. embedding "
             f"and softmax, {model.total_params() / 1e6:.1f}M total"
-        )
+        ) + ("" if self.teacher is None else f"; {self.teacher.summary()}")
 
     # ------------------------------------------------------------------ the command line
 

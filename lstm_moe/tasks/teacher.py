@@ -87,6 +87,11 @@ class Teacher:
         }
         return StepOutput(loss_sum, aux_loss, stats, reported_sum=nll.sum().detach())
 
+    def summary(self) -> str:
+        """One line for the start of a run: the teacher and what the initialisation copied."""
+        copied = "" if self.copy is None else f": {self.copy.summary()} (config.json: teacher)"
+        return f"distilled from {self.run_dir} at step {self.step} (w = {self.weight}){copied}"
+
     def record(self) -> dict:
         """What config.json says of the teacher: its run, the checkpoint it was read at and
         what the initialisation copied."""

@@ -280,7 +280,7 @@ class TranslationTask:
             f"{ops['decoder'] / 1e6:.2f}M, softmax {ops['softmax'] / 1e6:.2f}M), "
             f"{model.params_excluding_embedding_softmax() / 1e6:.2f}M params excl. embeddings "
             f"and softmax, {model.total_params() / 1e6:.1f}M total"
-        )
+        ) + ("" if self.teacher is None else f"; {self.teacher.summary()}")
 
     # ------------------------------------------------------------------ the command line
 

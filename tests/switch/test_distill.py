@@ -320,6 +320,7 @@ def test_distil_resume_evaluate_and_the_kept_share(tiny_dataset, teacher_run, tm
     dense, whole, split = tmp_path / "dense", tmp_path / "whole", tmp_path / "split"
     assert train(tiny_dataset, dense, "MoE-1-Wide", "--max_steps=20") == 0
     assert train(tiny_dataset, whole, "MoE-1-Wide", distil, "--max_steps=20") == 0
+    assert "11 tensors copied from the teacher, 6 skipped" in capsys.readouterr().err
     assert train(tiny_dataset, split, "MoE-1-Wide", distil, "--max_steps=10") == 0
     # The resume takes the teacher from the run's config, and continues exactly: the teacher's
     # LSTM state and the student's are in the checkpoint.
