@@ -332,6 +332,10 @@ def test_distil_resume_evaluate_and_the_kept_share(tiny_dataset, teacher_run, tm
     config = json.loads((whole / "config.json").read_text())
     assert config["task_config"]["teacher_run"] == str(teacher_run.resolve())
     assert "softmax.weight" in config["teacher"]["copied"]
+    # Neither the teacher nor its weight can change on --resume.
+    for change in ("--teacher_weight=0.5", f"--teacher_run={dense}"):
+        assert train_main(["--run", str(split), "--resume", change, "--quiet"]) == 2
+        assert "teacher" in capsys.readouterr().err
     # The teacher's run cannot change under a distillation: here, trained on.
     assert train_main(["--run", str(teacher_run), "--resume", "--max_steps=35", "--quiet"]) == 0
     assert train_main(["--run", str(split), "--resume", "--max_steps=25", "--quiet"]) == 2
