@@ -66,6 +66,17 @@ class Softmax(nn.Module):
         with torch.autocast(hidden.device.type, enabled=False):
             return F.linear(hidden.to(dtype), self.weight.to(dtype), self.bias.to(dtype))
 
+    def log_probs(self, hidden: Tensor) -> Tensor:
+        """The full log-softmax: hidden [N, D] -> [N, V] float32 (wider for a wider model),
+        for losses against a whole distribution (distillation: switch.distill). Materialises
+        [N, V]: callers chunk the rows by rows_per_chunk."""
+        return torch.log_softmax(self.logits(hidden), dim=-1)
+
+    @property
+    def rows_per_chunk(self) -> int:
+        """Rows whose [rows, V] logits fit in the exact softmax's bound (_LOGITS_PER_CHUNK)."""
+        return max(1, _LOGITS_PER_CHUNK // self.vocab_size)
+
     def nll(self, hidden: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
         """Exact negative log-likelihood per row. hidden: [N, D]; targets: [N] -> [N] float32.
         Computed in row chunks so that the [N, V] logits never exist at once. label_smoothing

@@ -27,11 +27,16 @@ class StepOutput:
         ranks, so the same value on every rank).
     stats: scalar tensors to average into the log (routing statistics, each loss unweighted),
         the same on every rank; detached.
+    reported_sum: what to log as the loss in place of loss_sum (summed over the same
+        targets, detached), None for loss_sum itself: for a task whose training objective is
+        not the loss its runs are compared on (a distilled model trains on a mixture with
+        its teacher's probabilities and reports its ground-truth NLL).
     """
 
     loss_sum: Tensor
     aux_loss: Tensor
     stats: dict[str, Tensor] = field(default_factory=dict)
+    reported_sum: Tensor | None = None
 
 
 class Task(Protocol):

@@ -391,7 +391,7 @@ class Trainer:
             # (each already that of the batch of all ranks, on every rank).
             loss = out.loss_sum / global_targets + out.aux_loss / (group.world_size * n_micro)
             loss.backward()
-            window.add_loss(out.loss_sum)
+            window.add_loss(out.loss_sum if out.reported_sum is None else out.reported_sum)
             window.add("aux_loss", out.aux_loss)
             for name, value in out.stats.items():
                 window.add(name, value)

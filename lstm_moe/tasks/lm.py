@@ -16,13 +16,20 @@ the candidates one process draws, and a resumed run draws what an uninterrupted 
 Perplexity is exp(Σ -log p(target) / N) over every target of the split, where N counts each
 word plus one `</S>` per sentence: "sum over all words including the end of sentence symbol"
 (§5.1, following Jozefowicz et al. 2016). It always uses the exact full softmax.
+
+Distillation (Switch §4.2): with teacher_run, the run's model starts from the teacher run's
+non-expert weights and trains on (1 - w)·NLL + w·CE(teacher) (lstm_moe.tasks.teacher,
+switch.distill); an LSTM teacher carries its own state from window to window beside the
+student's. It needs the full softmax. Validation stays the ground-truth perplexity.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -44,7 +51,9 @@ from lstm_moe.tasks.common import (
     routing_stats,
     routing_summary,
 )
+from lstm_moe.tasks.teacher import Teacher
 from switch.config import TransformerLMConfig
+from switch.distill import TEACHER_WEIGHT, softmax_distillation_terms
 from switch.transformer import TransformerLM
 
 # Validation reads the valid split in windows of this many steps, over at most this many
@@ -56,11 +65,23 @@ VALID_MAX_LANES = 16
 @dataclass(frozen=True)
 class LMTaskConfig:
     """batch_size lanes × bptt steps = tokens per step (over all ranks and micro-batches).
-    eval_tokens: validation targets used each time (0 = the whole split)."""
+    eval_tokens: validation targets used each time (0 = the whole split).
+    teacher_run: a trained LM run folder to distil (Switch §4.2; switch.distill): the model
+        starts from its non-expert weights and trains on the soft target
+        teacher_weight·p_teacher + (1 - teacher_weight)·onehot. None: no teacher.
+    """
+
+    HELP: ClassVar[dict[str, str]] = {
+        "teacher_run": "distil this trained run (its non-expert weights, then the mixed loss; "
+        "Switch §4.2); needs --softmax=full",
+        "teacher_weight": "the teacher's share of the soft target (Switch §4.2: 0.25)",
+    }
 
     batch_size: int = 32
     bptt: int = 20
     eval_tokens: int = 100_000
+    teacher_run: str | None = None
+    teacher_weight: float = TEACHER_WEIGHT
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "bptt"):
@@ -68,6 +89,8 @@ class LMTaskConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.eval_tokens < 0:
             raise ValueError(f"eval_tokens must be >= 0, got {self.eval_tokens}")
+        if not 0 <= self.teacher_weight <= 1:
+            raise ValueError(f"teacher_weight must be in [0, 1], got {self.teacher_weight}")
 
     @property
     def tokens_per_step(self) -> int:
@@ -111,13 +134,7 @@ class LanguageModelTask:
         run's, which keys the sampled softmax's candidates."""
         self.model_config, self.config = model_config, config
         self.arch = architecture_of(self.architectures, model_config)
-        if getattr(model_config, "positions", None) == "learned" and (
-            config.bptt > model_config.max_positions
-        ):
-            raise ValueError(
-                f"bptt ({config.bptt}) is longer than the learned positions' table "
-                f"(max_positions={model_config.max_positions})"
-            )
+        _check_window(model_config, config.bptt, "the learned positions' table")
         self.seed = seed
         self.group = ParallelGroup() if group is None else group
         self.data_dir = Path(data_dir)
@@ -162,6 +179,22 @@ class LanguageModelTask:
                 lanes=self._lanes(config.valid_lanes),
             )
         self.states: list[list | None] = [None] * micro_batches  # LSTM state per micro-batch
+        self.teacher: Teacher | None = None
+        if config.teacher_run is not None:
+            if model_config.softmax == "sampled":
+                raise ValueError(
+                    "distillation needs the full softmax (the teacher's whole distribution is "
+                    "the target): set --softmax=full"
+                )
+            # Saved resolved, so that the run resumes from any working directory.
+            self.config = config = dataclasses.replace(
+                config, teacher_run=str(Path(config.teacher_run).resolve())
+            )
+            self.teacher = Teacher(
+                config.teacher_run, config.teacher_weight, load_trained_model, self._check_data
+            )
+            _check_window(self.teacher.model.config, config.bptt, "the teacher's positions")
+        self.teacher_states: list[list | None] = [None] * micro_batches  # the teacher's
 
     def _lanes(self, batch_size: int, micro: int = 0, micro_batches: int = 1) -> tuple[int, int]:
         """This rank's lanes of micro-batch `micro` of a batch_size-lane layout: micro-batch m
@@ -180,9 +213,10 @@ class LanguageModelTask:
         return VALID_BPTT if self.arch == "lstm" else self.config.bptt
 
     def build_model(self) -> nn.Module:
-        return self.architectures[self.arch].model_class(
+        model = self.architectures[self.arch].model_class(
             self.model_config, self.group.process_group
         )
+        return model if self.teacher is None else self.teacher.initialise(model)
 
     def train_batch(self, step: int, micro: int, micro_batches: int):
         batches = self.train_batches[micro]
@@ -195,17 +229,36 @@ class LanguageModelTask:
         self, model: nn.Module, batch, step: int, micro: int, device: torch.device
     ) -> StepOutput:
         if batch.first:
-            self.states[micro] = None
+            self.states[micro] = self.teacher_states[micro] = None
         inputs, targets = batch.inputs.to(device), batch.targets.to(device)
-        state = self.states[micro]
-        if state is not None:  # a no-op but after a resume, which loads it on the CPU
-            state = [(h.to(device), c.to(device)) for h, c in state]
-        out = model(inputs, state)
+        out = model(inputs, _on(self.states[micro], device))
+        self.states[micro] = detach_state(out.state)
+        if self.teacher is not None:
+            return self._distill(model, out, inputs, targets, micro, device)
         nll = model.nll(
             out.hidden, targets, sampled=True, generator=self.candidate_generator(step, device)
         )  # [T·B], the sampled estimate when the softmax is sampled
-        self.states[micro] = detach_state(out.state)
         return StepOutput(nll.sum(), out.aux_loss, routing_stats(out.moe))
+
+    def _distill(
+        self, model: nn.Module, out, inputs, targets, micro: int, device: torch.device
+    ) -> StepOutput:
+        """The distillation step (Switch §4.2): the frozen teacher on the same window, in
+        float32 and evaluation mode, its own LSTM state carried as the student's is."""
+        teacher = self.teacher.on(device)
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            taught = teacher(inputs, _on(self.teacher_states[micro], device))
+        self.teacher_states[micro] = detach_state(taught.state)
+        nll, teacher_ce = softmax_distillation_terms(
+            model.softmax,
+            out.hidden.reshape(-1, out.hidden.shape[-1]),  # [T·B, D]
+            teacher.softmax,
+            taught.hidden.reshape(-1, taught.hidden.shape[-1]),  # [T·B, D']
+            targets.reshape(-1),
+        )  # [T·B] each
+        return self.teacher.step_output(
+            nll, teacher_ce, None, out.aux_loss, routing_stats(out.moe), self.group
+        )
 
     def candidate_generator(self, step: int, device: torch.device) -> torch.Generator:
         """The sampled softmax's candidates for a step: keyed by the run's seed and the step,
@@ -235,46 +288,63 @@ class LanguageModelTask:
 
     def state_dict(self) -> dict:
         """The LSTM state of all lanes, [1, B, D] per tensor, gathered in lane order
-        (micro-batches, then ranks: _lanes), or None before the first step."""
-        if any(state is None for state in self.states):
-            return {"lstm_state": None}
+        (micro-batches, then ranks: _lanes), or None before the first step; a teacher's
+        beside it."""
+        state = {"lstm_state": self._gather_lanes(self.states)}
+        if self.teacher is not None:
+            state["teacher_lstm_state"] = self._gather_lanes(self.teacher_states)
+        return state
+
+    def _gather_lanes(self, states: list[list | None]) -> list | None:
+        if any(state is None for state in states):
+            return None
         layers = []
-        for layer in range(len(self.states[0])):
+        for layer in range(len(states[0])):
             tensors = []
             for i in range(2):  # h, c
                 blocks = []
-                for state in self.states:  # [1, B/(W·M), D] per micro-batch
+                for state in states:  # [1, B/(W·M), D] per micro-batch
                     everyone = self.group.gather(state[layer][i])  # [W, 1, B/(W·M), D]
                     blocks.extend(everyone)
                 tensors.append(torch.cat(blocks, dim=1))  # [1, B, D]
             layers.append(tensors)
-        return {"lstm_state": layers}
+        return layers
 
     def load_state_dict(self, state: dict) -> None:
         """This rank's lanes of a saved state, at any number of ranks and micro-batches."""
-        full = state["lstm_state"]
-        self.states = []
+        self.states = self._my_lanes(state["lstm_state"])
+        self.teacher_states = self._my_lanes(state.get("teacher_lstm_state"))
+
+    def _my_lanes(self, full: list | None) -> list[list | None]:
+        states: list[list | None] = []
         for micro in range(self.micro_batches):
             if not full:
-                self.states.append(None)
+                states.append(None)
                 continue
             first, last = self._lanes(self.config.batch_size, micro, self.micro_batches)
-            self.states.append(
-                [(h[:, first:last].clone(), c[:, first:last].clone()) for h, c in full]
-            )
+            states.append([(h[:, first:last].clone(), c[:, first:last].clone()) for h, c in full])
+        return states
 
     def record(self, model: nn.Module) -> dict:
-        return {
+        record = {
             "arch": self.arch,
             "data": data_fingerprint(self.data_dir, self.meta),
             "ops_per_timestep": model.ops_per_timestep(),
             "params_excl_embedding_softmax": model.params_excluding_embedding_softmax(),
             "total_params": model.total_params(),
         }
+        if self.teacher is not None:
+            record["teacher"] = self.teacher.record()
+        return record
 
     def check_resume(self, saved_record: dict, source: str) -> None:
-        saved = saved_record["data"]
-        check_same_dataset(saved, self.data_dir, self.meta, source)
+        self._check_data(saved_record, source)
+        if self.teacher is not None:
+            self.teacher.check_resume(saved_record.get("teacher"), source)
+
+    def _check_data(self, record: dict, source: str) -> None:
+        """Refuse a checkpoint or a teacher run (its record) trained on other data."""
+        check_same_dataset(record["data"], self.data_dir, self.meta, source)
 
     def loss_metrics(self, loss: float) -> dict[str, float]:
         return {("sampled_ppl" if self.sampled else "ppl"): math.exp(min(loss, 50.0))}
@@ -287,7 +357,7 @@ class LanguageModelTask:
             f"{model.ops_per_timestep() / 1e6:.2f}M ops/timestep, "
             f"{model.params_excluding_embedding_softmax() / 1e6:.2f}M params excl. embedding "
             f"and softmax, {model.total_params() / 1e6:.1f}M total"
-        )
+        ) + ("" if self.teacher is None else f"; {self.teacher.summary()}")
 
     # ------------------------------------------------------------------ the command line
 
@@ -306,6 +376,21 @@ class LanguageModelTask:
     def dataset_overrides(data_dir: Path) -> dict:
         """Model fields a new run takes from its dataset: the vocabulary size."""
         return {"vocab_size": read_meta(data_dir)["vocab"]["size"]}
+
+
+def _check_window(model_config, bptt: int, what: str) -> None:
+    """Refuse a window longer than a Transformer's learned positions (ValueError)."""
+    if getattr(model_config, "positions", None) == "learned" and bptt > model_config.max_positions:
+        raise ValueError(
+            f"bptt ({bptt}) is longer than {what} (max_positions={model_config.max_positions})"
+        )
+
+
+def _on(state: list | None, device: torch.device) -> list | None:
+    """A carried LSTM state on device: a no-op but after a resume, which loads it on the CPU."""
+    if state is None:
+        return None
+    return [(h.to(device), c.to(device)) for h, c in state]
 
 
 # ----------------------------------------------------------------------------- evaluation

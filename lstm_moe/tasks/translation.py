@@ -11,13 +11,20 @@ A step's batch is `batch_size` pairs over all ranks and micro-batches; micro-bat
 is a contiguous block of it (lstm_moe.pair_batches.share), so W ranks route what one process
 routes. The schedule is a function of the seed and the step, so the task carries no state.
 BLEU needs decoding, which is evaluation's job (eval.translate, eval.bleu).
+
+Distillation (Switch §4.2): with teacher_run, the model starts from the teacher run's
+non-expert weights and trains on (1 - w)·NLL + w·CE(teacher) (lstm_moe.tasks.teacher,
+switch.distill); the ground-truth term is label-smoothed as without a teacher, the teacher's
+term is not. Validation stays the unsmoothed ground-truth NLL.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -39,7 +46,9 @@ from lstm_moe.tasks.common import (
     load_run_model,
     routing_stats,
 )
+from lstm_moe.tasks.teacher import Teacher
 from switch.config import TransformerNMTConfig
+from switch.distill import TEACHER_WEIGHT, softmax_distillation_terms
 from switch.transformer import TransformerTranslationModel
 
 __all__ = [
@@ -54,16 +63,30 @@ __all__ = [
 class TranslationTaskConfig:
     """batch_size: sentence pairs per step (over all ranks and micro-batches); the paper's
     batches held ~16K target words per GPU. eval_pairs: validation pairs used each time (0 =
-    the whole split), in the split's order."""
+    the whole split), in the split's order.
+    teacher_run: a trained translation run folder to distil (Switch §4.2; switch.distill):
+        the model starts from its non-expert weights and trains on the soft target
+        teacher_weight·p_teacher + (1 - teacher_weight)·onehot. None: no teacher.
+    """
+
+    HELP: ClassVar[dict[str, str]] = {
+        "teacher_run": "distil this trained run (its non-expert weights, then the mixed loss; "
+        "Switch §4.2)",
+        "teacher_weight": "the teacher's share of the soft target (Switch §4.2: 0.25)",
+    }
 
     batch_size: int = 64
     eval_pairs: int = 1000
+    teacher_run: str | None = None
+    teacher_weight: float = TEACHER_WEIGHT
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.eval_pairs < 0:
             raise ValueError(f"eval_pairs must be >= 0, got {self.eval_pairs}")
+        if not 0 <= self.teacher_weight <= 1:
+            raise ValueError(f"teacher_weight must be in [0, 1], got {self.teacher_weight}")
 
 
 # The models this task trains, by `--arch`: the paper's GNMT-style LSTM model, and the
@@ -118,13 +141,23 @@ class TranslationTask:
         self.valid: PairSplit | None = None
         if "valid" in self.meta["splits"] and self.meta["splits"]["valid"]["pairs"]:
             self.valid = read_pairs(self.data_dir, "valid", self.meta)
+        self.teacher: Teacher | None = None
+        if config.teacher_run is not None:
+            # Saved resolved, so that the run resumes from any working directory.
+            self.config = config = dataclasses.replace(
+                config, teacher_run=str(Path(config.teacher_run).resolve())
+            )
+            self.teacher = Teacher(
+                config.teacher_run, config.teacher_weight, load_trained_model, self._check_data
+            )
 
     # ------------------------------------------------------------------ the engine's interface
 
     def build_model(self) -> nn.Module:
-        return self.architectures[self.arch].model_class(
+        model = self.architectures[self.arch].model_class(
             self.model_config, self.group.process_group
         )
+        return model if self.teacher is None else self.teacher.initialise(model)
 
     def train_batch(self, step: int, micro: int, micro_batches: int) -> PairBatch:
         part = share(
@@ -142,9 +175,31 @@ class TranslationTask:
         tgt_in, targets = batch.tgt_in.to(device), batch.targets.to(device)
         tgt_mask = batch.tgt_mask.to(device)
         out = model(src, src_mask, tgt_in, tgt_mask)
+        if self.teacher is not None:
+            return self._distill(model, out, (src, src_mask, tgt_in, tgt_mask), targets, device)
         nll = model.nll(out.hidden, targets, self.model_config.label_smoothing)  # [T·B]
         loss_sum = (nll * tgt_mask.reshape(-1)).sum()
         return StepOutput(loss_sum, out.aux_loss, routing_stats(out.moe))
+
+    def _distill(self, model: nn.Module, out, inputs: tuple, targets, device: torch.device):
+        """The distillation step (Switch §4.2): the frozen teacher, teacher-forced on the same
+        pairs (inputs: src, src_mask, tgt_in, tgt_mask on device), in float32 and evaluation
+        mode."""
+        teacher = self.teacher.on(device)
+        tgt_mask = inputs[3]
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            taught = teacher(*inputs)
+        nll, teacher_ce = softmax_distillation_terms(
+            model.softmax,
+            out.hidden.reshape(-1, out.hidden.shape[-1]),  # [T·B, D]
+            teacher.softmax,
+            taught.hidden.reshape(-1, taught.hidden.shape[-1]),  # [T·B, D']
+            targets.reshape(-1),
+            self.model_config.label_smoothing,
+        )  # [T·B] each
+        return self.teacher.step_output(
+            nll, teacher_ce, tgt_mask.reshape(-1), out.aux_loss, routing_stats(out.moe), self.group
+        )
 
     def validate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
         if self.valid is None:
@@ -174,7 +229,7 @@ class TranslationTask:
         pass
 
     def record(self, model: nn.Module) -> dict:
-        return {
+        record = {
             "arch": self.arch,
             "data": {
                 **data_fingerprint(self.data_dir, self.meta),
@@ -185,9 +240,18 @@ class TranslationTask:
             "params_excl_embedding_softmax": model.params_excluding_embedding_softmax(),
             "total_params": model.total_params(),
         }
+        if self.teacher is not None:
+            record["teacher"] = self.teacher.record()
+        return record
 
     def check_resume(self, saved_record: dict, source: str) -> None:
-        saved = saved_record["data"]
+        self._check_data(saved_record, source)
+        if self.teacher is not None:
+            self.teacher.check_resume(saved_record.get("teacher"), source)
+
+    def _check_data(self, record: dict, source: str) -> None:
+        """Refuse a checkpoint or a teacher run (its record) trained on other data."""
+        saved = record["data"]
         pair = (self.meta["src_lang"], self.meta["tgt_lang"])
         saved_pair = (saved.get("src_lang"), saved.get("tgt_lang"))
         if saved_pair != pair:
@@ -216,7 +280,7 @@ class TranslationTask:
             f"{ops['decoder'] / 1e6:.2f}M, softmax {ops['softmax'] / 1e6:.2f}M), "
             f"{model.params_excluding_embedding_softmax() / 1e6:.2f}M params excl. embeddings "
             f"and softmax, {model.total_params() / 1e6:.1f}M total"
-        )
+        ) + ("" if self.teacher is None else f"; {self.teacher.summary()}")
 
     # ------------------------------------------------------------------ the command line
 
