@@ -77,8 +77,14 @@ gpu-check: $(if $(filter $(VENV)/bin/python,$(PY)),$(STAMP))
 TASK ?= all
 DEMO_DIR ?= runs/demo
 DEMO_PARTS = $(if $(filter all,$(TASK)),lm translation,$(TASK))
-DEMO_RUNS_lm = $(DEMO_DIR)/dense $(DEMO_DIR)/moe
-DEMO_RUNS_translation = $(DEMO_DIR)/nmt-dense $(DEMO_DIR)/nmt-moe
+# Each part also trains the MoE at the other k (the LSTM's k = 4 against Switch top-1, the
+# Transformer's top-1 against the 2017 top-4), at the same active FLOPs, for the report's
+# k=1 vs k=4 table.
+DEMO_OTHER_K_lstm = k1
+DEMO_OTHER_K_transformer = k4
+DEMO_OTHER = moe-$(DEMO_OTHER_K_$(ARCH))
+DEMO_RUNS_lm = $(DEMO_DIR)/dense $(DEMO_DIR)/moe $(DEMO_DIR)/$(DEMO_OTHER)
+DEMO_RUNS_translation = $(DEMO_DIR)/nmt-dense $(DEMO_DIR)/nmt-moe $(DEMO_DIR)/nmt-$(DEMO_OTHER)
 demo: $(STAMP)
 	rm -rf $(DEMO_DIR)
 	$(MAKE) --no-print-directory $(addprefix demo-,$(DEMO_PARTS))
@@ -102,14 +108,20 @@ DEMO_PRESETS_lstm = 4xLSTM-512 MoE-32
 DEMO_PRESETS_transformer = transformer-dense switch-32
 DEMO_EXPERT_lstm = 128
 DEMO_EXPERT_transformer = 256
+# The other k: top-1 of experts four times as wide (capacity factor 1.25, 2.0 in evaluation),
+# or top-4 of experts a quarter as wide (dropless).
+SWITCH_K1 = --router=switch --k=1 --capacity_factor=1.25 --eval_capacity_factor=2.0
+DEMO_OTHER_lstm = --preset MoE-32 --expert_hidden=512 $(SWITCH_K1)
+DEMO_OTHER_transformer = --preset moe-top4-32 --expert_hidden=64
 demo-lm: $(STAMP)
 	data=$$($(PY) -m data_prep.synthetic --out data | tail -n 1); \
 	$(TRAIN) --data $$data --run $(DEMO_DIR)/dense --preset $(word 1,$(DEMO_PRESETS_$(ARCH))) \
 		$(DEMO_TRAIN_$(ARCH)); \
 	$(TRAIN) --data $$data --run $(DEMO_DIR)/moe --preset $(word 2,$(DEMO_PRESETS_$(ARCH))) \
-		$(DEMO_TRAIN_$(ARCH)) --expert_hidden=$(DEMO_EXPERT_$(ARCH))
-	$(PY) -m eval.perplexity $(DEMO_DIR)/dense
-	$(PY) -m eval.perplexity $(DEMO_DIR)/moe
+		$(DEMO_TRAIN_$(ARCH)) --expert_hidden=$(DEMO_EXPERT_$(ARCH)); \
+	$(TRAIN) --data $$data --run $(DEMO_DIR)/$(DEMO_OTHER) $(DEMO_OTHER_$(ARCH)) \
+		$(DEMO_TRAIN_$(ARCH))
+	for run in $(DEMO_RUNS_lm); do $(PY) -m eval.perplexity $$run || exit 1; done
 
 # Translation: the App. E model scaled from width 512 to 64 on the generated parallel corpus
 # (reordering, topic-dependent word choice): NMT-dense with a 512-unit ReLU layer where the
@@ -125,11 +137,15 @@ DEMO_NMT_DENSE_lstm = --preset NMT-dense --ffn_hidden=512
 DEMO_NMT_DENSE_transformer = --preset NMT-transformer-dense --ffn_hidden=256
 DEMO_NMT_MOE_lstm = --preset NMT-MoE-32 --expert_hidden=128
 DEMO_NMT_MOE_transformer = --preset NMT-switch-32 --ffn_hidden=256 --expert_hidden=256
+DEMO_NMT_OTHER_lstm = --preset NMT-MoE-32 --expert_hidden=512 $(SWITCH_K1)
+DEMO_NMT_OTHER_transformer = --preset NMT-moe-top4-32 --ffn_hidden=256 --expert_hidden=64
 demo-translation: $(STAMP)
 	data=$$($(PY) -m data_prep.synthetic_parallel --out data --preset demo | tail -n 1); \
 	$(TRAIN) --data $$data --run $(DEMO_DIR)/nmt-dense $(DEMO_NMT_DENSE_$(ARCH)) \
 		$(DEMO_NMT_TRAIN_$(ARCH)); \
 	$(TRAIN) --data $$data --run $(DEMO_DIR)/nmt-moe $(DEMO_NMT_MOE_$(ARCH)) \
+		$(DEMO_NMT_TRAIN_$(ARCH)); \
+	$(TRAIN) --data $$data --run $(DEMO_DIR)/nmt-$(DEMO_OTHER) $(DEMO_NMT_OTHER_$(ARCH)) \
 		$(DEMO_NMT_TRAIN_$(ARCH))
 	for run in $(DEMO_RUNS_translation); do \
 		$(PY) -m eval.perplexity $$run && $(TRANSLATE) $$run || exit 1; \
@@ -141,8 +157,9 @@ demo-translation: $(STAMP)
 # TASK=lm|translation, ARCH=lstm|transformer, ROUTERS=dense,top1-cf1.25,top4, EXPERTS=4,32,256,
 # SEEDS=1,2,3, BUDGET=time (equal training seconds instead of tokens), DATA=<prepared folder>
 # (lm1b, WikiText-2, Multi30k, WMT'14: its task is read from its meta.json; or
-# DATA=lm=DIR,translation=DIR), NPROC=2; COMPARE_ARGS passes more (python -m eval.compare
-# --help). A second `make compare` reuses the finished runs and resumes a killed one.
+# DATA=lm=DIR,translation=DIR), NPROC=2, DISTILL=1 (the dense model distilled from top-1, a row
+# of its own, Switch §4.2); COMPARE_ARGS passes more (python -m eval.compare --help). A second
+# `make compare` reuses the finished runs and resumes a killed one.
 COMPARE_OUT ?= runs/compare
 ROUTERS ?=
 EXPERTS ?=
@@ -150,14 +167,16 @@ SEEDS ?=
 BUDGET ?= tokens
 DATA ?=
 COMPARE_ARGS ?=
+DISTILL ?=
 # ARCH's default above is the demo's; the comparison takes both backbones unless ARCH is given.
-COMPARE_ARCHS = $(if $(filter file default,$(origin ARCH)),lstm$(,)transformer,$(ARCH))
 , := ,
+COMPARE_ARCHS = $(if $(filter file default,$(origin ARCH)),lstm$(,)transformer,$(ARCH))
 compare: $(STAMP)
 	$(PY) -m eval.compare --out $(COMPARE_OUT) --budget $(BUDGET) --nproc $(NPROC) \
 		--archs $(COMPARE_ARCHS) $(if $(filter-out all,$(TASK)),--tasks $(TASK)) \
 		$(if $(ROUTERS),--routers $(ROUTERS)) $(if $(EXPERTS),--experts $(EXPERTS)) \
-		$(if $(SEEDS),--seeds $(SEEDS)) $(if $(DATA),--data $(DATA)) $(COMPARE_ARGS)
+		$(if $(SEEDS),--seeds $(SEEDS)) $(if $(DATA),--data $(DATA)) \
+		$(if $(filter 1,$(DISTILL)),--distill) $(COMPARE_ARGS)
 
 # --- lm1b: prepare (download or LM1B_DIR) -> train PRESET -> test perplexity -----------------
 # A second `make lm1b` with the same PRESET resumes the run where it stopped.

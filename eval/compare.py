@@ -61,10 +61,14 @@ def eval_args(grid: GridConfig, spec: RunSpec) -> dict[str, list[str]]:
     """Each evaluation's arguments after the run folder."""
     if spec.task == "lm":
         limit = [] if grid.eval_tokens is None else [f"--max_tokens={grid.eval_tokens}"]
-        return {"perplexity": limit}
-    pairs = [] if grid.eval_pairs is None else [f"--max_pairs={grid.eval_pairs}"]
-    bleu = [] if grid.bleu_sentences is None else [f"--limit={grid.bleu_sentences}"]
-    return {"perplexity": pairs, "translate": [*bleu, "--quiet"]}
+        out = {"perplexity": limit}
+    else:
+        pairs = [] if grid.eval_pairs is None else [f"--max_pairs={grid.eval_pairs}"]
+        bleu = [] if grid.bleu_sentences is None else [f"--limit={grid.bleu_sentences}"]
+        out = {"perplexity": pairs, "translate": [*bleu, "--quiet"]}
+    if spec.router != DENSE and grid.experts_tokens is not None:
+        out["experts"] = [f"--max_tokens={grid.experts_tokens}"]
+    return out
 
 
 class RunFailed(RuntimeError):
@@ -109,15 +113,20 @@ def _entry_point(module: str):
         from lstm_moe.train import main
     elif module == "eval.perplexity":
         from eval.perplexity import main
+    elif module == "eval.experts":
+        from eval.experts import main
     else:
         from eval.translate import main
     return main
 
 
-def is_finished(run: Path, spec: RunSpec) -> bool:
-    """Trained and scored: its test evaluation (and BLEU) are written after training."""
-    names = ["perplexity.json"] + (["bleu.json"] if spec.task == "translation" else [])
-    return all((run / "eval" / name).is_file() for name in names)
+# What each evaluation writes into RUN/eval.
+EVAL_OUTPUT = {"perplexity": "perplexity.json", "translate": "bleu.json", "experts": "experts.json"}
+
+
+def is_finished(run: Path, evaluations: dict[str, list[str]]) -> bool:
+    """Trained and scored: every evaluation's output is there (each written after training)."""
+    return all((run / "eval" / EVAL_OUTPUT[module]).is_file() for module in evaluations)
 
 
 def run_one(grid: GridConfig, spec: RunSpec, data: Path, out: Path, runner: Runner) -> dict:
@@ -134,7 +143,7 @@ def run_one(grid: GridConfig, spec: RunSpec, data: Path, out: Path, runner: Runn
                 f"{run} holds a run with other arguments than this grid's ({RECORD}); "
                 "remove it or choose another --out"
             )
-        if record["finished"] and is_finished(run, spec):
+        if record["finished"] and is_finished(run, evaluations):
             return {**record, "reused": True}
     elif run.exists():
         raise ValueError(f"{run} exists but holds no {RECORD}: remove it or choose another --out")
@@ -233,7 +242,20 @@ def parse_grid(argv: list[str]) -> tuple[GridConfig, argparse.Namespace]:
     parser.add_argument("--seconds", type=float, default=defaults.seconds)
     parser.add_argument("--data", type=_data_arg, default={}, help="lm=DIR,translation=DIR")
     parser.add_argument("--nproc", type=int, default=defaults.nproc)
-    for name in ("eval_tokens", "eval_pairs", "bleu_sentences", "valid_points", "valid_tokens"):
+    parser.add_argument(
+        "--distill",
+        action="store_true",
+        help="also distil each backbone's --distill_teacher run into its dense model (Switch §4.2)",
+    )
+    parser.add_argument("--distill_teacher", default=defaults.distill_teacher)
+    for name in (
+        "eval_tokens",
+        "eval_pairs",
+        "bleu_sentences",
+        "valid_points",
+        "valid_tokens",
+        "experts_tokens",
+    ):
         parser.add_argument(f"--{name}", type=_optional_int, default=getattr(defaults, name))
     parser.add_argument(
         "--train_args",

@@ -207,6 +207,11 @@ class GridConfig:
     eval_tokens / eval_pairs: the test split's share every run is scored on (the whole split
         when None); bleu_sentences: sentences translated for BLEU (beam search); valid_points:
         validations along training, the learning curves' points.
+    experts_tokens: test tokens eval.experts reads for each sparse run (what its experts
+        learned; None for none).
+    distill: also train the dense model distilled from the distill_teacher run at
+        main_experts (Switch §4.2: switch.distill), on the same tokens, one per backbone and
+        seed.
     """
 
     tasks: tuple[str, ...] = TASKS
@@ -218,8 +223,8 @@ class GridConfig:
     expert_tasks: tuple[str, ...] = ("lm",)
     seeds: tuple[int, ...] = (1,)
     budget: str = "tokens"
-    lm_tokens: int = 300_000
-    translation_tokens: int = 200_000
+    lm_tokens: int = 600_000
+    translation_tokens: int = 400_000
     seconds: float = 20.0
     data: dict[str, str] = field(default_factory=dict)
     nproc: int = 1
@@ -228,6 +233,9 @@ class GridConfig:
     bleu_sentences: int | None = 100
     valid_points: int = 4
     valid_tokens: int = 5_000
+    experts_tokens: int | None = 5_000
+    distill: bool = False
+    distill_teacher: str = "top1-cf1.25"
     extra_train_args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -240,6 +248,12 @@ class GridConfig:
             unknown = [v for v in getattr(self, name) if v not in labels]
             if unknown:
                 raise ValueError(f"unknown router {unknown[0]!r} in {name}: choose from {labels}")
+        if self.distill and self.distill_teacher not in self.routers:
+            raise ValueError(
+                f"distill needs its teacher {self.distill_teacher!r} among the routers"
+            )
+        if self.distill and DENSE not in self.routers:
+            raise ValueError("distill needs the dense run (the distilled student's baseline)")
         if self.budget not in ("tokens", "time"):
             raise ValueError(f"budget must be 'tokens' or 'time', got {self.budget!r}")
         if not self.seeds:
@@ -253,18 +267,28 @@ class GridConfig:
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One run of the grid. router is DENSE or a label of ROUTERS; n_experts 0 for dense."""
+    """One run of the grid. router is DENSE or a label of ROUTERS; n_experts 0 for dense.
+    teacher: for a dense student distilled from the run of that router (at n_experts)."""
 
     task: str
     arch: str
     router: str
     n_experts: int
     seed: int
+    teacher: str | None = None
 
     @property
     def name(self) -> str:
+        if self.teacher is not None:
+            source = f"{self.teacher}-e{self.n_experts}"
+            return f"{self.task}-{self.arch}-dense-from-{source}-s{self.seed}"
         experts = "" if self.router == DENSE else f"-e{self.n_experts}"
         return f"{self.task}-{self.arch}-{self.router}{experts}-s{self.seed}"
+
+    def teacher_spec(self) -> RunSpec | None:
+        if self.teacher is None:
+            return None
+        return RunSpec(self.task, self.arch, self.teacher, self.n_experts, self.seed)
 
     @property
     def setting(self) -> tuple[str, str]:
@@ -274,7 +298,7 @@ class RunSpec:
     @property
     def label(self) -> str:
         """The run without its seed: what seeds are averaged over."""
-        return self.router if self.router == DENSE else f"{self.router} E={self.n_experts}"
+        return run_label(self.router, self.n_experts, self.teacher)
 
     def preset(self) -> str:
         backbone = BACKBONES[self.setting]
@@ -303,6 +327,12 @@ class RunSpec:
         return args + list(backbone.sparse) + [f"--{k}={v}" for k, v in fields.items()]
 
 
+def run_label(router: str, n_experts: int, teacher: str | None = None) -> str:
+    if teacher is not None:
+        return f"dense ← {teacher} E={n_experts}"
+    return router if router == DENSE else f"{router} E={n_experts}"
+
+
 def expand_grid(grid: GridConfig) -> list[RunSpec]:
     """Every run of the grid, in training order: per task and backbone, dense first, then
     each router at main_experts, then the experts axis; each for every seed. Expert choice
@@ -326,6 +356,11 @@ def expand_grid(grid: GridConfig) -> list[RunSpec]:
                     points += [(router, e) for e in grid.experts if (router, e) not in points]
             for router, n_experts in points:
                 runs += [RunSpec(task, arch, router, n_experts, seed) for seed in grid.seeds]
+            if grid.distill and (grid.distill_teacher, grid.main_experts) in points:
+                runs += [
+                    RunSpec(task, arch, DENSE, grid.main_experts, seed, grid.distill_teacher)
+                    for seed in grid.seeds
+                ]
     return runs
 
 
@@ -344,7 +379,7 @@ def left_out(grid: GridConfig) -> list[str]:
 
 def schedule_args(grid: GridConfig, backbone: Backbone) -> list[str]:
     """The budget and the cadences: about valid_points validations along training, a
-    checkpoint about every third of it (so a killed comparison loses little)."""
+    checkpoint halfway (so a killed comparison loses little)."""
     task = backbone.task
     if grid.budget == "tokens":
         steps = max(1, grid.tokens(task) // backbone.tokens_per_step)
@@ -353,7 +388,7 @@ def schedule_args(grid: GridConfig, backbone: Backbone) -> list[str]:
         steps = 200  # a guess for the cadences only: the budget is the clock
         budget = f"--max_seconds={grid.seconds}"
     log_every = max(1, min(10, steps // 20))
-    checkpoint_every = log_every * max(1, math.ceil(steps / 3 / log_every))
+    checkpoint_every = log_every * max(1, math.ceil(steps / 2 / log_every))
     valid = "--eval_pairs" if task == "translation" else "--eval_tokens"
     valid_amount = max(1, grid.valid_tokens // 20) if task == "translation" else grid.valid_tokens
     return [
@@ -367,12 +402,16 @@ def schedule_args(grid: GridConfig, backbone: Backbone) -> list[str]:
 
 
 def train_args(grid: GridConfig, spec: RunSpec, data: Path, run: Path) -> list[str]:
-    """lstm_moe.train's arguments for one run."""
+    """lstm_moe.train's arguments for one run (a distilled student's teacher is the run of
+    its teacher_spec beside it)."""
+    teacher = spec.teacher_spec()
+    distill = [] if teacher is None else [f"--teacher_run={run.parent / teacher.name}"]
     return [
         f"--data={data}",
         f"--run={run}",
         *spec.model_args(),
         *schedule_args(grid, BACKBONES[spec.setting]),
         f"--seed={spec.seed}",
+        *distill,
         *grid.extra_train_args,
     ]

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from lstm_moe.files import PATH_ERRORS, read_json, write_json_atomic, write_text_atomic
 
-from .compare_grid import DENSE, ROUTERS
+from .compare_grid import DENSE, ROUTERS, run_label
 from .report import check_comparable, read_run
 
 FLOAT32_BYTES = 4
@@ -93,9 +93,8 @@ def read_compared_run(run: Path) -> dict:
         router=spec["router"],
         n_experts=spec["n_experts"],
         seed=spec["seed"],
-        label=spec["router"]
-        if spec["router"] == DENSE
-        else f"{spec['router']} E={spec['n_experts']}",
+        teacher=spec.get("teacher"),
+        label=run_label(spec["router"], spec["n_experts"], spec.get("teacher")),
         experts_per_token=experts_per_token(moe) if moe else None,
         expert_hidden=moe["expert_hidden"] if moe else None,
         active_params=active_params(row, model),
@@ -108,8 +107,30 @@ def read_compared_run(run: Path) -> dict:
         stage_seconds=record.get("seconds", {}),
         train_step_seconds=steps_seconds,
         quality=row["sacrebleu"] if row["task"] == "translation" else row["test_perplexity"],
+        test_nll=read_json(run / "eval" / "perplexity.json")["nll_per_token"],
+        experts=_read_experts(run),
     )
+    row["mi_bits"], row["mi_fraction"] = _mutual_information(row["experts"])
     return row
+
+
+def _read_experts(run: Path) -> dict | None:
+    """eval.experts' analysis of the run, where it was made."""
+    path = run / "eval" / "experts.json"
+    return read_json(path) if path.is_file() else None
+
+
+def _mutual_information(experts: dict | None) -> tuple[float | None, float | None]:
+    """I(topic; expert) averaged over the MoE layers, in bits and as a fraction of its
+    maximum; None where the corpus has no topics."""
+    if not experts or not experts.get("topics_available"):
+        return None, None
+    layers = [layer["topics"] for layer in experts["layers"] if layer["topics"] is not None]
+    if not layers:
+        return None, None
+    bits = statistics.fmean(t["mi_bits"] for t in layers)
+    fractions = [t["mi_fraction"] for t in layers if t["mi_fraction"] is not None]
+    return bits, statistics.fmean(fractions) if fractions else None
 
 
 def _mean(values: list[float]) -> float | None:
@@ -137,6 +158,9 @@ def aggregate(rows: list[dict]) -> list[dict]:
             "cv_load",
             "max_over_mean_load",
             "tokens_trained",
+            "test_nll",
+            "mi_bits",
+            "mi_fraction",
         ):
             values = [m[key] for m in members if m[key] is not None]
             entry[key] = statistics.fmean(values) if values else None
@@ -144,6 +168,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
         first = members[0]
         for key in (
             "router",
+            "teacher",
             "n_experts",
             "experts_per_token",
             "expert_hidden",
@@ -188,10 +213,11 @@ def task_markdown(task: str, entries: list[dict], plots: dict[str, str], left_ou
         f"| backbone | router | E | experts/token × width | {quality_name} "
         + ("| test ppl " if task == "translation" else "")
         + "| tokens/s | train s | total params | active params | ops/timestep "
-        f"| dropped | CV(load) | max/mean load | a2a bytes/token (W={world}) | (W=8) |",
+        f"| dropped | CV(load) | max/mean load | a2a bytes/token (W={world}) | (W=8) "
+        "| I(topic; expert) |",
         "|---|---|---:|---:|---:|"
         + ("---:|" if task == "translation" else "")
-        + "---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        + "---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for e in entries:
         width = (
@@ -200,9 +226,14 @@ def task_markdown(task: str, entries: list[dict], plots: dict[str, str], left_ou
             else f"{_fmt(e['experts_per_token'], 'g')} × {e['expert_hidden']}"
         )
         quality_spec = ".2f"
+        router = e["router"] if e["teacher"] is None else f"distilled ← {e['teacher']}"
+        mi = None
+        if e["mi_bits"] is not None:
+            share = "" if e["mi_fraction"] is None else f" ({e['mi_fraction']:.0%})"
+            mi = _fmt(e["mi_bits"], ".3f", e["mi_bits_range"]) + share
         cells = [
             e["arch"],
-            e["router"],
+            router,
             "–" if e["router"] == DENSE else str(e["n_experts"]),
             width,
             "**" + _fmt(e["quality"], quality_spec, e["quality_range"]) + "**",
@@ -220,6 +251,7 @@ def task_markdown(task: str, entries: list[dict], plots: dict[str, str], left_ou
             _fmt(e["max_over_mean_load"], ".2f"),
             _fmt(e["all_to_all_bytes"], ",.0f"),
             _fmt(e["all_to_all_bytes_w8"], ",.0f"),
+            "–" if mi is None else mi,
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
@@ -231,7 +263,9 @@ def task_markdown(task: str, entries: list[dict], plots: dict[str, str], left_ou
         "dropped, CV(load) and max/mean load are the test split's, averaged over the MoE "
         "layers (max: the busiest layer); a2a bytes/token are what one token sends through "
         "the forward pass's all-to-alls under expert parallelism on W ranks (the backward "
-        "sends as much again), at the run's W and at 8.",
+        "sends as much again), at the run's W and at 8; I(topic; expert) is the mutual "
+        "information of the generated corpus's topic and the expert choice in bits "
+        "(eval.experts, averaged over the MoE layers), with its share of the maximum.",
     ]
     if many_seeds:
         lines.append(
@@ -288,9 +322,36 @@ def kvk_lines(task: str, entries: list[dict]) -> list[str]:
             parts.append(
                 f"ahead of dense ({dense['quality']:.2f}): {', '.join(ahead) if ahead else 'none'}"
             )
+        for student in (e for e in mine.values() if e["teacher"] is not None):
+            teacher = mine.get(run_label(student["teacher"], student["n_experts"]))
+            if dense and teacher and teacher["test_nll"] != dense["test_nll"]:
+                share = (student["test_nll"] - dense["test_nll"]) / (
+                    teacher["test_nll"] - dense["test_nll"]
+                )
+                parts.append(
+                    f"distilled from {teacher['label']}: keeps {share:.0%} of its gain over "
+                    f"dense in test log-perplexity (Switch Table 6: 29 %)"
+                )
         if parts:
             lines.append(f"- **{arch}**: " + "; ".join(parts) + ".")
     return lines
+
+
+def experts_sections(rows: list[dict], out: Path) -> list[str]:
+    """What the experts of the k=1 and k=4 runs learned (eval.experts), first seed each."""
+    import os
+
+    from .experts import markdown_section
+
+    shown, sections = set(), []
+    for r in rows:
+        key = (r["arch"], r["label"])
+        if r["experts"] is None or r["router"] not in ("top1-cf1.25", "top4") or key in shown:
+            continue
+        shown.add(key)
+        images = os.path.relpath(Path(r["run"]) / "eval", out)
+        sections.append(markdown_section(r["experts"], r["name"], images + "/"))
+    return sections
 
 
 def _plt():
@@ -448,6 +509,7 @@ def write_comparison(
             plots["per-expert load on the test split"] = f"load-{task}.png"
         mine = [line for line in absent if line.startswith(f"Left out — {task}/")]
         sections.append(task_markdown(task, entries, plots, mine))
+        sections += experts_sections(task_rows, out)
         tasks_summary[task] = {"entries": entries, "plots": list(plots.values())}
     cost = comparison_cost(rows, wall_seconds)
     if "overhead_fraction" in cost and cost["overhead_fraction"] is not None:

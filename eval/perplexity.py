@@ -64,9 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--max_tokens",
         type=int,
-        help="LM: score only the first windows holding at least this many tokens (the "
-        "whole split by default); the count scored is in the output, so runs scored on "
-        "different amounts are never compared",
+        help="LM: score only the first N tokens of the split (the whole split by default), "
+        "whatever the model's window and lanes, so every model scores the same tokens",
     )
     parser.add_argument(
         "--max_pairs", type=int, help="translation: score only the first N pairs of the split"
@@ -93,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             model, data_dir, meta, run_config, step, tokens_trained = lm.load_trained_model(
                 args.run, device
             )
-            ids = read_split(data_dir, args.split, meta)
+            ids = read_split(data_dir, args.split, meta)[: args.max_tokens]
             bptt = args.bptt or _default_bptt(run_config)
             batches = LaneBatches(ids, args.batch_size, bptt, EOS_ID, keep_remainder=True)
             split_tokens = meta["splits"][args.split]["tokens"]
@@ -109,10 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             model, pairs, device, batch_size, max_pairs=args.max_pairs, progress=progress
         )
     else:
-        max_windows = None
-        if args.max_tokens is not None:
-            max_windows = -(-args.max_tokens // (batches.batch_size * batches.bptt))  # ceil
-        result = lm.evaluate(model, batches, device, max_windows, progress=progress)
+        result = lm.evaluate(model, batches, device, progress=progress)
     result.update(
         {
             "split": args.split,

@@ -65,6 +65,9 @@ def read_run(run: Path) -> dict:
         "preset": config.get("preset"),
         "layers": _describe_layers(model),
         "moe": _describe_moe(model),
+        # Experts per token (k; k_groups·k for the hierarchical gate) and the router's name.
+        "router": model["moe"]["router"] if _has_moe(model) else None,
+        "experts_per_token": _experts_per_token(model["moe"]) if _has_moe(model) else None,
         # A translation model counts an encoder and a decoder position (lstm_moe.nmt).
         "ops_per_timestep": ops["total"] if isinstance(ops, dict) else ops,
         "params_excl_embedding_softmax": config["params_excl_embedding_softmax"],
@@ -171,6 +174,48 @@ def _has_moe(model: dict) -> bool:
     return any(model.get(key) for key in keys)
 
 
+def _experts_per_token(moe: dict) -> float:
+    if moe["router"] == "expert_choice":
+        return moe.get("capacity_factor") or 2.0
+    if moe["router"] == "hierarchical":
+        return moe["k_groups"] * moe["k"]
+    return moe["k"]
+
+
+def k_table(rows: list[dict]) -> list[str]:
+    """k=1 against k=4: the runs routing each token to one expert beside those routing it to
+    four (none when the runs do not hold both), the dense runs as the baseline."""
+    one = [r for r in rows if r["experts_per_token"] == 1]
+    four = [r for r in rows if r["experts_per_token"] == 4]
+    if not one or not four:
+        return []
+    dense = [r for r in rows if r["router"] is None]
+    translation = rows[0]["task"] == "translation"
+    lines = [
+        "",
+        "k=1 vs k=4 (the same data, tokens and ops/timestep):",
+        "",
+        "| model | router | k | MoE | test ppl |"
+        + (" sacreBLEU |" if translation else "")
+        + " tokens/s | vs dense tokens/s | dropped (test) | CV(load) |",
+        "|---|---|---:|---|---:|" + ("---:|" if translation else "") + "---:|---:|---:|---:|",
+    ]
+    base = dense[0]["tokens_per_s"] if dense and dense[0]["tokens_per_s"] else None
+    for r in [*one, *four, *dense]:
+        layers = r["moe_layers"]
+        dropped = max((m.get("fraction_dropped", 0.0) for m in layers), default=None)
+        cv = sum(m["cv_load"] for m in layers) / len(layers) if layers else None
+        speed = r["tokens_per_s"] / base if base and r["tokens_per_s"] else None
+        lines.append(
+            f"| {r['name']} | {r['router'] or 'dense'} | {_fmt(r['experts_per_token'], 'g')} "
+            f"| {r['moe']} | {r['test_perplexity']:.2f} |"
+            + (f" {r['sacrebleu']:.2f} |" if translation else "")
+            + f" {_fmt(r['tokens_per_s'], ',.0f')} | {_fmt(speed, '.2f')} "
+            f"| {_fmt(dropped, '.3f')} | {_fmt(cv, '.3f')} |"
+        )
+    return lines
+
+
 def _describe_moe(model: dict) -> str:
     if not _has_moe(model):
         return "-"
@@ -244,6 +289,7 @@ def markdown(rows: list[dict], title: str, floor: dict | None, plot_name: str, l
                 f"| {name} | {i} | {m['cv_load']:.3f} | {m['cv_importance']:.3f} "
                 f"| {m['max_over_mean_load']:.2f} | {m['unused_experts']} |"
             )
+    lines += k_table(rows)
     lines += ["", f"![validation perplexity against training tokens]({plot_name})", ""]
     return "\n".join(lines)
 

@@ -159,9 +159,18 @@ def _tiny_grid_args(out: Path, lm_data: Path, nmt_data: Path | None = None) -> l
     ]
 
 
-def test_compare_trains_reports_and_reuses_after_a_kill(tiny_dataset, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def topic_corpus(tmp_path_factory):
+    """The generated multi-topic corpus at its tiny size: its topics are known."""
+    from data_prep.synthetic import PRESETS as CORPORA
+    from data_prep.synthetic import prepare_synthetic
+
+    return prepare_synthetic(CORPORA["tiny"], tmp_path_factory.mktemp("topics"))
+
+
+def test_compare_trains_reports_and_reuses_after_a_kill(topic_corpus, tmp_path, capsys):
     out = tmp_path / "compare"
-    args = _tiny_grid_args(out, tiny_dataset)
+    args = _tiny_grid_args(out, topic_corpus)
     assert compare.main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert [r["name"] for r in summary["runs"]] == [
@@ -172,6 +181,13 @@ def test_compare_trains_reports_and_reuses_after_a_kill(tiny_dataset, tmp_path, 
     assert len({r["tokens_trained"] for r in summary["runs"]}) == 1
     report = (out / "report.md").read_text()
     assert "k=1 vs k=4 at E=4" in report and "| lstm | top4 | 4 | 4 × 128 |" in report
+    # What the experts learned: the mutual information of topic and expert, per sparse run.
+    assert "### What the experts of lm-lstm-top4-e4-s1 learned" in report
+    assert "I(topic; expert) = **" in report
+    assert all(
+        r["name"].endswith("dense-s1") or (out / r["name"] / "eval" / "experts.json").is_file()
+        for r in summary["runs"]
+    )
     for name in ("valid-tokens-lm.png", "valid-seconds-lm.png", "cost-lm.png", "load-lm.png"):
         assert (out / name).stat().st_size > 1000
     assert 0 < summary["cost"]["overhead_fraction"] < 1
@@ -282,3 +298,18 @@ TINY = {
     "--main_experts",
     "--quiet",
 }
+
+
+def test_distilled_student_is_a_row_with_its_kept_share(tiny_dataset, tmp_path):
+    out = tmp_path / "compare"
+    args = [*_tiny_grid_args(out, tiny_dataset), "--routers=dense,top1-cf1.25", "--distill"]
+    assert compare.main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["name"] for r in summary["runs"]][-1] == "lm-lstm-dense-from-top1-cf1.25-e4-s1"
+    student_config = json.loads(
+        (out / "lm-lstm-dense-from-top1-cf1.25-e4-s1" / "config.json").read_text()
+    )
+    assert student_config["task_config"]["teacher_run"].endswith("lm-lstm-top1-cf1.25-e4-s1")
+    report = (out / "report.md").read_text()
+    assert "| lstm | distilled ← top1-cf1.25 | – |" in report
+    assert "distilled from top1-cf1.25 E=4: keeps " in report

@@ -113,3 +113,21 @@ def test_runs_scored_on_other_amounts_of_test_exit_2(runs, tmp_path, capsys):
     (runs[1] / "eval" / "perplexity.json").write_text(json.dumps(evaluation))
     code, err = _report(capsys, runs, tmp_path / "report")
     assert code == 2 and "not evaluated alike (tokens 500 vs 1000)" in err
+
+
+def test_k1_against_k4_table_when_the_runs_hold_both(runs, tmp_path, capsys):
+    for run, (router, k) in zip(runs, (("switch", 1), ("noisy_topk", 4)), strict=True):
+        config = json.loads((run / "config.json").read_text())
+        config["model"]["moe"].update(router=router, k=k)
+        (run / "config.json").write_text(json.dumps(config))
+    code, _ = _report(capsys, runs, tmp_path / "report")
+    assert code == 0
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "k=1 vs k=4 (the same data, tokens and ops/timestep):" in report
+    assert "| a | switch | 1 | 4 experts × 16, k=1 (switch) | 40.00 |" in report
+    assert "| b | noisy_topk | 4 |" in report
+
+
+def test_no_k_table_without_both(runs, tmp_path, capsys):
+    code, _ = _report(capsys, runs, tmp_path / "report")  # both k=2
+    assert code == 0 and "k=1 vs k=4" not in (tmp_path / "report" / "report.md").read_text()
