@@ -378,8 +378,9 @@ def left_out(grid: GridConfig) -> list[str]:
 
 
 def schedule_args(grid: GridConfig, backbone: Backbone) -> list[str]:
-    """The budget and the cadences: about valid_points validations along training, a
-    checkpoint halfway (so a killed comparison loses little)."""
+    """The budget and the cadences: valid_points validations along training (the last one at
+    the end, which the engine always validates), a checkpoint halfway (so a killed
+    comparison loses little)."""
     task = backbone.task
     if grid.budget == "tokens":
         steps = max(1, grid.tokens(task) // backbone.tokens_per_step)
@@ -394,7 +395,7 @@ def schedule_args(grid: GridConfig, backbone: Backbone) -> list[str]:
     return [
         budget,
         f"--warmup_steps={max(1, min(100, steps // 10))}",
-        f"--eval_every={max(1, steps // grid.valid_points)}",
+        f"--eval_every={max(1, math.ceil(steps / grid.valid_points))}",
         f"--checkpoint_every={checkpoint_every}",
         f"--log_every={log_every}",
         f"{valid}={valid_amount}",

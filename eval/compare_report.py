@@ -338,14 +338,16 @@ def kvk_lines(task: str, entries: list[dict]) -> list[str]:
 
 
 def experts_sections(rows: list[dict], out: Path) -> list[str]:
-    """What the experts of the k=1 and k=4 runs learned (eval.experts), first seed each."""
+    """What the experts of the k=1 and k=4 runs learned (eval.experts): per backbone, the
+    first seed at the first experts count of the grid (the main one); the other runs' mutual
+    information is in the table and their heat maps in their eval/ folders."""
     import os
 
     from .experts import markdown_section
 
     shown, sections = set(), []
     for r in rows:
-        key = (r["arch"], r["label"])
+        key = (r["arch"], r["router"])
         if r["experts"] is None or r["router"] not in ("top1-cf1.25", "top4") or key in shown:
             continue
         shown.add(key)

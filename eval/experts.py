@@ -386,13 +386,13 @@ def _markdown_text(text: str) -> str:
 
 
 def markdown_section(result: dict, run_name: str, image_prefix: str, experts: int = 4) -> str:
-    """A short markdown section for a report: per MoE layer, a table of the first `experts`
+    """A short markdown section for a report: per MoE layer, a table of the `experts` busiest
     experts' top tokens (contexts for encoder layers), the mutual information line and the
     heat map (at image_prefix + its file name)."""
     lines = [f"### What the experts of {run_name} learned", ""]
     lines.append(
-        f"Routing of {result['tokens']:,} {result['split']} tokens; the tokens routed to each "
-        "expert most often, with counts."
+        f"Routing of {result['tokens']:,} {result['split']} tokens; for the {experts} busiest "
+        "experts of each layer, the tokens routed to them most often, with counts."
     )
     if not result["topics_available"]:
         lines += ["", f"No topic analysis: {result.get('topics_note', NO_TOPICS)}."]
@@ -406,7 +406,8 @@ def markdown_section(result: dict, run_name: str, image_prefix: str, experts: in
             f"| expert | load | most routed {column.removeprefix('top_')} |",
             "|---:|---:|---|",
         ]
-        for entry in layer["experts"][:experts]:
+        busiest = sorted(layer["experts"], key=lambda entry: -entry["load"])[:experts]
+        for entry in busiest:
             shown = ", ".join(f"{_markdown_text(text)} ({n})" for text, n in entry[column][:5])
             lines.append(f"| {entry['expert']} | {entry['load']:,} | {shown} |")
         topics = layer["topics"]
