@@ -232,7 +232,7 @@ class GridConfig:
     eval_pairs: int | None = 200
     bleu_sentences: int | None = 100
     valid_points: int = 4
-    valid_tokens: int = 5_000
+    valid_tokens: int = 4_000
     experts_tokens: int | None = 5_000
     distill: bool = False
     distill_teacher: str = "top1-cf1.25"
