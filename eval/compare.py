@@ -285,11 +285,14 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         runs = run_grid(grid, args.out, progress=not args.quiet)
-        summary = write_comparison(runs, args.out, args.title, grid, time.perf_counter() - start)
+        summary = write_comparison(runs, args.out, args.title, grid)
     except (ValueError, RunFailed, KeyError, *PATH_ERRORS) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"wrote {args.out / 'report.md'} ({len(summary['runs'])} runs)")
+    print(
+        f"wrote {args.out / 'report.md'} ({len(summary['runs'])} runs) "
+        f"in {time.perf_counter() - start:.0f} s"
+    )
     return 0
 
 

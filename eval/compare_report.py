@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -282,6 +283,11 @@ def task_markdown(task: str, entries: list[dict], plots: dict[str, str], left_ou
     return "\n".join(lines)
 
 
+# Below this teacher-over-dense gain in test log-perplexity (nats) the kept share is the
+# ratio of two noises (Switch Table 6's teacher is 0.19 nats ahead of its dense model).
+MIN_TEACHER_GAIN = 0.01
+
+
 def kvk_lines(task: str, entries: list[dict]) -> list[str]:
     """k=1 against k=4 (and each router against dense), one line per backbone."""
     quality_name, higher_better = QUALITY[task]
@@ -324,14 +330,31 @@ def kvk_lines(task: str, entries: list[dict]) -> list[str]:
             )
         for student in (e for e in mine.values() if e["teacher"] is not None):
             teacher = mine.get(run_label(student["teacher"], student["n_experts"]))
-            if dense and teacher and teacher["test_nll"] != dense["test_nll"]:
-                share = (student["test_nll"] - dense["test_nll"]) / (
-                    teacher["test_nll"] - dense["test_nll"]
-                )
+            if not (dense and teacher):
+                continue
+            gain = dense["test_nll"] - teacher["test_nll"]
+            nlls = (
+                f"test log-perplexity {student['test_nll']:.3f} against dense "
+                f"{dense['test_nll']:.3f} and teacher {teacher['test_nll']:.3f}"
+            )
+            if gain < MIN_TEACHER_GAIN:
                 parts.append(
-                    f"distilled from {teacher['label']}: keeps {share:.0%} of its gain over "
-                    f"dense in test log-perplexity (Switch Table 6: 29 %)"
+                    f"distilled from {teacher['label']}: {nlls}; the teacher is not "
+                    f"{MIN_TEACHER_GAIN} nats ahead of dense, so it has no gain to keep"
                 )
+                continue
+            share = (dense["test_nll"] - student["test_nll"]) / gain
+            note = (
+                " — more than the teacher's own gain: the student starts from non-expert "
+                "weights already trained on these tokens, a head start a run this short does "
+                "not wash out"
+                if share > 1
+                else ""
+            )
+            parts.append(
+                f"distilled from {teacher['label']}: keeps {share:.0%} of its gain over dense "
+                f"({nlls}; Switch Table 6: 29 %){note}"
+            )
         if parts:
             lines.append(f"- **{arch}**: " + "; ".join(parts) + ".")
     return lines
@@ -430,6 +453,8 @@ def plot_loads(task: str, rows: list[dict], path: Path) -> bool:
     if not sparse:
         return False
     plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
     cols = min(4, len(sparse))
     n_rows = -(-len(sparse) // cols)
     fig, axes = plt.subplots(
@@ -441,8 +466,13 @@ def plot_loads(task: str, rows: list[dict], path: Path) -> bool:
         for layer, counts in enumerate(r["tokens_per_expert"]):
             mean = sum(counts) / len(counts) if counts else 0
             shares = sorted((c / mean if mean else 0.0 for c in counts), reverse=True)
-            ax.bar(range(len(shares)), shares, width=1.0, alpha=0.5, label=f"layer {layer}")
+            # one filled step outline per layer: a bar per expert is one artist each, which
+            # at E = 256 and a dozen panels costs seconds to draw
+            ax.stairs(shares, range(len(shares) + 1), fill=True, alpha=0.5, label=f"layer {layer}")
         ax.axhline(1.0, color="black", linewidth=0.8)
+        if len(r["tokens_per_expert"]) > 1:
+            ax.legend(fontsize=6)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(f"{r['arch']} {r['label']}", fontsize=8)
         ax.set_xlabel("experts, busiest first", fontsize=7)
         ax.set_ylabel("load / mean", fontsize=7)
@@ -453,27 +483,34 @@ def plot_loads(task: str, rows: list[dict], path: Path) -> bool:
     return True
 
 
-def comparison_cost(rows: list[dict], wall_seconds: float | None) -> dict:
+def comparison_cost(rows: list[dict], report_seconds: float | None = None) -> dict:
     """What the comparison spent beyond training steps: evaluation (validation along
-    training, the test split, beam search), checkpoints, plotting and bookkeeping."""
-    trained_now = [r for r in rows if r["stage_seconds"]]
-    steps = sum(r["train_step_seconds"] or 0.0 for r in trained_now)
+    training, the test split, beam search, the experts' analysis), checkpoints, start-up,
+    plotting and bookkeeping. Summed over the stages each run recorded in its compare.json
+    (a resumed run's train stage adds up every attempt), plus writing this report: the same
+    figure whether the grid ran in one invocation or was resumed and reused in several."""
+    costed = [r for r in rows if r["stage_seconds"]]
+    steps = sum(r["train_step_seconds"] or 0.0 for r in costed)
     stages: dict[str, float] = defaultdict(float)
-    for r in trained_now:
+    for r in costed:
         for stage, seconds in r["stage_seconds"].items():
             stages[stage] += seconds
-    out = {"training_step_seconds": steps, "stage_seconds": dict(stages)}
-    if wall_seconds:
-        out["wall_seconds"] = wall_seconds
-        out["overhead_fraction"] = 1 - steps / wall_seconds if steps else None
-    return out
+    if report_seconds is not None:
+        stages["report"] += report_seconds
+    total = sum(stages.values())
+    return {
+        "runs": len(costed),
+        "training_step_seconds": steps,
+        "stage_seconds": dict(stages),
+        "total_seconds": total,
+        "overhead_fraction": 1 - steps / total if steps and total else None,
+    }
 
 
-def write_comparison(
-    runs: list[Path], out: Path, title: str, grid=None, wall_seconds: float | None = None
-) -> dict:
+def write_comparison(runs: list[Path], out: Path, title: str, grid=None) -> dict:
     """Read every run folder, check that each task's runs are comparable, write the report,
     the PNGs and summary.json (last). grid: the GridConfig the runs came from, if any."""
+    started = time.perf_counter()
     rows = []
     for run in map(Path, runs):
         try:
@@ -513,16 +550,18 @@ def write_comparison(
         sections.append(task_markdown(task, entries, plots, mine))
         sections += experts_sections(task_rows, out)
         tasks_summary[task] = {"entries": entries, "plots": list(plots.values())}
-    cost = comparison_cost(rows, wall_seconds)
-    if "overhead_fraction" in cost and cost["overhead_fraction"] is not None:
+    cost = comparison_cost(rows, time.perf_counter() - started)
+    if cost["overhead_fraction"] is not None:
         stages = ", ".join(f"{k} {v:.1f} s" for k, v in cost["stage_seconds"].items())
         sections += [
             "## What the comparison cost",
             "",
-            f"{cost['wall_seconds']:.0f} s in all, {cost['training_step_seconds']:.0f} s of "
-            f"them training steps: overhead (start-up, validation, checkpoints, test "
-            f"evaluation, beam search, plots) {100 * cost['overhead_fraction']:.1f} % "
-            f"(stages: {stages}).",
+            f"{cost['total_seconds']:.0f} s over the {cost['runs']} runs' stages and this "
+            f"report, {cost['training_step_seconds']:.0f} s of them training steps: overhead "
+            f"(start-up, validation, checkpoints, test evaluation, beam search, the experts' "
+            f"analysis, plots) {100 * cost['overhead_fraction']:.1f} % (stages: {stages}). "
+            "Summed from each run's compare.json, so reused and resumed runs count what they "
+            "cost when they were trained.",
             "",
         ]
     write_text_atomic(out / "report.md", "\n".join(sections))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import subprocess
 from pathlib import Path
@@ -312,4 +313,37 @@ def test_distilled_student_is_a_row_with_its_kept_share(tiny_dataset, tmp_path):
     assert student_config["task_config"]["teacher_run"].endswith("lm-lstm-top1-cf1.25-e4-s1")
     report = (out / "report.md").read_text()
     assert "| lstm | distilled ← top1-cf1.25 | – |" in report
-    assert "distilled from top1-cf1.25 E=4: keeps " in report
+    assert "distilled from top1-cf1.25 E=4: " in report
+
+
+def _entry(label, router, test_nll, teacher=None):
+    return {
+        "arch": "lstm",
+        "label": label,
+        "router": router,
+        "n_experts": 32 if router != "dense" or teacher else None,
+        "quality": math.exp(test_nll),
+        "test_nll": test_nll,
+        "tokens_per_s": 1000.0,
+        "teacher": teacher,
+        "seeds": [1],
+    }
+
+
+def test_kept_share_line_on_switch_table_6_and_without_a_teacher_gain():
+    # Switch Table 6, 1.1B -> 223M: neg. log perplexity dense -1.636, teacher -1.444,
+    # student -1.580: (1.636 - 1.580) / (1.636 - 1.444) = 0.056 / 0.192 = 29 %.
+    dense = _entry("dense", "dense", 1.636)
+    teacher = _entry("top1-cf1.25 E=32", "top1-cf1.25", 1.444)
+    student = _entry("dense ← top1-cf1.25 E=32", "dense", 1.580, teacher="top1-cf1.25")
+    (line,) = compare_report.kvk_lines("lm", [dense, teacher, student])
+    assert "distilled from top1-cf1.25 E=32: keeps 29% of its gain over dense" in line
+    assert "head start" not in line
+    # a student beyond its teacher says why
+    ahead = _entry("dense ← top1-cf1.25 E=32", "dense", 1.400, teacher="top1-cf1.25")
+    (line,) = compare_report.kvk_lines("lm", [dense, teacher, ahead])
+    assert "keeps 123% of its gain" in line and "head start" in line
+    # a teacher level with dense has no gain to keep: no ratio of two noises
+    level = _entry("top1-cf1.25 E=32", "top1-cf1.25", 1.631)
+    (line,) = compare_report.kvk_lines("lm", [dense, level, student])
+    assert "keeps" not in line and "no gain to keep" in line
