@@ -37,6 +37,7 @@ from .compare_grid import (
     GridConfig,
     RunSpec,
     expand_grid,
+    experts_shown,
     left_out,
     train_args,
 )
@@ -68,6 +69,8 @@ def eval_args(grid: GridConfig, spec: RunSpec) -> dict[str, list[str]]:
         out = {"perplexity": pairs, "translate": [*bleu, "--quiet"]}
     if spec.router != DENSE and grid.experts_tokens is not None:
         out["experts"] = [f"--max_tokens={grid.experts_tokens}"]
+        if not experts_shown(grid, spec):  # a map per layer is most of the analysis' time
+            out["experts"].append("--no_heatmaps")
     return out
 
 

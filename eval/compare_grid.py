@@ -377,6 +377,23 @@ def left_out(grid: GridConfig) -> list[str]:
     return lines
 
 
+# The pair the comparison is about: Switch top-1 at its paper's capacity factor and the 2017
+# noisy top-4. The report puts them side by side and shows what their experts learned.
+K1_VS_K4 = ("top1-cf1.25", "top4")
+
+
+def experts_shown(grid: GridConfig, spec: RunSpec) -> bool:
+    """Whether the report shows what this run's experts learned (with its heat maps): the
+    k=1 and k=4 runs at main_experts, first seed. The other sparse runs give the table their
+    mutual information."""
+    return (
+        spec.teacher is None
+        and spec.router in K1_VS_K4
+        and spec.n_experts == grid.main_experts
+        and spec.seed == grid.seeds[0]
+    )
+
+
 def schedule_args(grid: GridConfig, backbone: Backbone) -> list[str]:
     """The budget and the cadences: valid_points validations along training (the last one at
     the end, which the engine always validates), a checkpoint halfway (so a killed

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from lstm_moe.files import PATH_ERRORS, read_json, write_json_atomic, write_text_atomic
 
-from .compare_grid import DENSE, ROUTERS, run_label
+from .compare_grid import DENSE, K1_VS_K4, ROUTERS, run_label
 from .report import check_comparable, read_run
 
 FLOAT32_BYTES = 4
@@ -295,13 +295,13 @@ def kvk_lines(task: str, entries: list[dict]) -> list[str]:
     for arch in dict.fromkeys(e["arch"] for e in entries):
         mine = {e["label"]: e for e in entries if e["arch"] == arch}
         dense = mine.get(DENSE)
-        top1 = next((e for e in mine.values() if e["router"] == "top1-cf1.25"), None)
+        top1 = next((e for e in mine.values() if e["router"] == K1_VS_K4[0]), None)
         top4 = (
             next(
                 (
                     e
                     for e in mine.values()
-                    if e["router"] == "top4" and e["n_experts"] == top1["n_experts"]
+                    if e["router"] == K1_VS_K4[1] and e["n_experts"] == top1["n_experts"]
                 ),
                 None,
             )
@@ -371,7 +371,7 @@ def experts_sections(rows: list[dict], out: Path) -> list[str]:
     shown, sections = set(), []
     for r in rows:
         key = (r["arch"], r["router"])
-        if r["experts"] is None or r["router"] not in ("top1-cf1.25", "top4") or key in shown:
+        if r["experts"] is None or r["router"] not in K1_VS_K4 or key in shown:
             continue
         shown.add(key)
         images = os.path.relpath(Path(r["run"]) / "eval", out)

@@ -360,14 +360,17 @@ def plot_heatmap(layer: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def write_outputs(run: Path, result: dict) -> list[Path]:
-    """Write RUN/eval/experts.json and each layer's heat map (where topics are known)
-    atomically; returns the paths written."""
+def write_outputs(run: Path, result: dict, heatmaps: bool = True) -> list[Path]:
+    """Write RUN/eval/experts.json and, with heatmaps, each layer's heat map (where topics
+    are known) atomically; returns the paths written. Without, experts.json names no map."""
     out = Path(run) / "eval"
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for layer in result["layers"]:
         if layer["topics"] is None:
+            continue
+        if not heatmaps:
+            layer["topics"]["heatmap"] = None
             continue
         path = out / layer["topics"]["heatmap"]
         tmp = path.with_name(path.name + ".tmp")
@@ -424,9 +427,13 @@ def markdown_section(result: dict, run_name: str, image_prefix: str, experts: in
                 f"I(topic; expert) = **{topics['mi_bits']:.3f} bits**{share}, the maximum "
                 f"being min(log2 {topics['n_topics']} topics, log2 {topics['n_experts']} "
                 f"experts) = {topics['max_bits']:.2f} bits.",
-                "",
-                f"![topics × experts, layer {layer['layer']}]({image_prefix}{topics['heatmap']})",
             ]
+            if topics["heatmap"]:
+                lines += [
+                    "",
+                    f"![topics × experts, layer {layer['layer']}]"
+                    f"({image_prefix}{topics['heatmap']})",
+                ]
     return "\n".join(lines) + "\n"
 
 
@@ -451,6 +458,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--top", type=int, default=TOP, help=f"tokens shown per expert ({TOP})")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument(
+        "--no_heatmaps", action="store_true", help="write experts.json only, no topic heat maps"
+    )
     args = parser.parse_args(argv)
     try:
         device = resolve_device(args.device)
@@ -458,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     except (*PATH_ERRORS, ValueError, KeyError, RuntimeError) as error:  # as eval.perplexity
         print(f"error: {error}", file=sys.stderr)
         return 2
-    paths = write_outputs(args.run, result)
+    paths = write_outputs(args.run, result, heatmaps=not args.no_heatmaps)
     for layer in result["layers"]:
         topics = layer["topics"]
         text = f"MoE layer {layer['layer']} ({layer['name']}): {layer['tokens']:,} tokens"

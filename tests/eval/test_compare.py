@@ -21,6 +21,7 @@ from eval.compare_grid import (
     RunSpec,
     expand_grid,
     expert_hidden,
+    experts_shown,
     left_out,
 )
 from lstm_moe.fields import apply_overrides, split_overrides
@@ -52,6 +53,23 @@ def test_default_grid_expands_to_the_expected_runs():
     assert len(left_out(GridConfig())) == 3
     # Translation has no experts axis by default: five routers and dense, ec where it can.
     assert sum(r.task == "translation" for r in runs) == 5 + 6
+
+
+def test_heat_maps_only_for_the_runs_the_report_shows():
+    grid = GridConfig(seeds=(1, 2), distill=True)
+    shown = [r.name for r in expand_grid(grid) if experts_shown(grid, r)]
+    assert shown == [
+        f"{task}-{arch}-{router}-e32-s1"
+        for task in ("lm", "translation")
+        for arch in ("lstm", "transformer")
+        for router in ("top1-cf1.25", "top4")
+    ]
+    for spec in expand_grid(grid):
+        experts = compare.eval_args(grid, spec).get("experts")
+        if spec.router == DENSE:
+            assert experts is None
+        else:
+            assert ("--no_heatmaps" in experts) != experts_shown(grid, spec)
 
 
 def test_seeds_and_narrowing_multiply_and_filter():

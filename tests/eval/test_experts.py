@@ -270,6 +270,14 @@ def test_end_to_end_on_the_generated_lm_corpus(lm_run, capsys):
     assert "| expert | load | most routed tokens |" in text
     assert f"I(topic; expert) = **{topics['mi_bits']:.3f} bits**" in text
     assert "(runs/moe/eval/experts-topics-layer0.png)" in text
+    # Without heat maps: the same numbers, no map written and none linked.
+    png.unlink()
+    assert experts.main([str(lm_run), "--top=3", "--device=cpu", "--no_heatmaps"]) == 0
+    assert not png.exists()
+    result = json.loads((lm_run / "eval" / "experts.json").read_text())
+    assert result["layers"][0]["topics"]["heatmap"] is None
+    text = markdown_section(result, "moe", "runs/moe/eval/")
+    assert f"I(topic; expert) = **{topics['mi_bits']:.3f} bits**" in text and ".png" not in text
 
 
 def test_analyse_run_is_deterministic(lm_run):
