@@ -258,6 +258,22 @@ def test_the_report_refuses_runs_of_other_budgets(tiny_dataset, tmp_path, capsys
     assert err.count("\n") == 1 and "not trained alike (max_tokens 1500 vs 2000)" in err
 
 
+def test_equal_seconds_budget_trains_every_run_for_the_same_clock(tiny_dataset, tmp_path):
+    out = tmp_path / "compare"
+    args = [*_tiny_grid_args(out, tiny_dataset), "--budget=time", "--seconds=1.5"]
+    assert compare.main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    for run in summary["runs"]:
+        config = json.loads((out / run["name"] / "config.json").read_text())
+        assert config["train"]["max_seconds"] == 1.5 and config["train"]["max_tokens"] is None
+        # the engine stops at the first step that reaches the budget
+        lines = (out / run["name"] / "metrics.jsonl").read_text().splitlines()
+        elapsed = [e["elapsed"] for e in map(json.loads, lines) if e["kind"] == "train"]
+        assert elapsed[-1] == run["wall_seconds"] >= 1.5 > elapsed[-2]
+    # runs may train different numbers of tokens; the report still puts them side by side
+    assert "k=1 vs k=4 at E=4" in (out / "report.md").read_text()
+
+
 def test_compare_of_both_tasks_and_backbones(tiny_dataset, tmp_path):
     nmt = make_parallel_dataset(tmp_path / "nmt")
     out = tmp_path / "compare"
