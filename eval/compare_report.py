@@ -27,7 +27,7 @@ from pathlib import Path
 from lstm_moe.files import PATH_ERRORS, read_json, write_json_atomic, write_text_atomic
 
 from .compare_grid import DENSE, K1_VS_K4, ROUTERS, run_label
-from .report import check_comparable, read_run
+from .report import check_comparable, plain_log_ticks, read_run
 
 FLOAT32_BYTES = 4
 
@@ -412,6 +412,7 @@ def plot_curves(task: str, rows: list[dict], path: Path, x_key: str, x_label: st
         ax.set_xlabel(x_label)
         ax.set_ylabel("validation perplexity")
         ax.set_yscale("log")
+        plain_log_ticks(ax.yaxis)
         ax.set_title(f"{task}, {arch}", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)

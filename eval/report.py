@@ -22,6 +22,18 @@ from pathlib import Path
 from lstm_moe.files import PATH_ERRORS, read_json, write_json_atomic, write_text_atomic
 
 
+def plain_log_ticks(axis) -> None:
+    """Perplexities as plain numbers on a log axis (215, 250, 300), not as 2.5 × 10^2; call
+    after plotting. The minor ticks are labelled only where the axis spans under a decade
+    (else they would crowd it)."""
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+
+    low, high = axis.get_view_interval()
+    axis.set_major_formatter(FormatStrFormatter("%g"))
+    narrow = low > 0 and high / low < 10
+    axis.set_minor_formatter(FormatStrFormatter("%g") if narrow else NullFormatter())
+
+
 def read_run(run: Path) -> dict:
     """Everything the report needs from one run folder."""
     config_path = run / "config.json"
@@ -318,6 +330,7 @@ def plot(rows: list[dict], floor: dict | None, path: Path, title: str) -> None:
     ax.set_xlabel("training tokens")
     ax.set_ylabel("validation perplexity")
     ax.set_yscale("log")
+    plain_log_ticks(ax.yaxis)
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
